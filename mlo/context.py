@@ -1,0 +1,56 @@
+"""``Context``: what an objective sees — parameter values bound for one evaluation.
+
+The same objective is evaluated at the live parameters (a real step) and at
+other points (look-aheads, finite-difference perturbations, Hessian products).
+The context supplies the values; objectives never touch parameters directly.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .errors import GraphError
+from .tree import Tree
+
+
+class Context:
+    """Parameter values of one problem and the problems it reads.
+
+    ``ctx[name]`` returns the values of ``name`` (the problem itself or one it
+    declares in ``reads``) in the structure its ``params`` had.
+    ``ctx.forward(module, *args)`` runs ``module`` with every parameter that a
+    problem in scope owns replaced by its bound value; parameters owned by
+    problems *outside* the scope are used as constants (detached), so gradients
+    only flow along declared dependencies.
+    """
+
+    def __init__(self, graph, problem, values: dict[str, Tree], step: int = 0, primary: bool = True):
+        self._graph = graph
+        self.problem = problem
+        self._values = values
+        self.step = step
+        self.primary = primary
+        self.metrics: dict[str, Tensor] = {}
+
+    def __getitem__(self, name: str):
+        if name not in self._values:
+            allowed = ", ".join(repr(n) for n in self._values)
+            raise GraphError(f"problem {self.problem.name!r} read {name!r}, which is not in its "
+                             f"reads (allowed: {allowed}); add it to Problem.reads")
+        return self._graph.problems[name].unpack(self._values[name])
+
+    def forward(self, module: nn.Module, *args: Any, **kwargs: Any):
+        """Call ``module`` functionally with the bound parameter values."""
+        owners = self._graph.owner_index(module)
+        subs = {}
+        for qual, (owner, key, leaf) in owners.items():
+            vals = self._values.get(owner)
+            subs[qual] = vals[key] if vals is not None else leaf.detach()
+        return functional_call(module, subs, args, kwargs, strict=False)
+
+    def log(self, key: str, value: Tensor | float) -> None:
+        """Record an extra metric (only kept for the real, primary evaluation)."""
+        if self.primary:
+            self.metrics[key] = value.detach() if isinstance(value, Tensor) else value

@@ -1,0 +1,26 @@
+"""Hypergradient engines: each is a typed config with one method, ``vjp``."""
+from .base import Engine, Site, StepRecord
+from .finite_difference import FiniteDifference
+from .first_order import FirstOrder
+from .implicit import CG, Neumann
+from .unrolled import Unrolled
+
+ENGINES = {"first_order": FirstOrder, "unrolled": Unrolled, "finite_difference": FiniteDifference,
+           "neumann": Neumann, "cg": CG}
+
+
+def make_engine(name: str, **fields) -> Engine:
+    """Build an engine from its name (``"cg"``, ``"neumann"``, ...) and config fields."""
+    from ..errors import ConfigError
+    if name not in ENGINES:
+        raise ConfigError(f"engine: unknown engine {name!r}; choose one of {', '.join(ENGINES)}")
+    try:
+        return ENGINES[name](**fields)
+    except TypeError as e:
+        import dataclasses
+        valid = [f.name for f in dataclasses.fields(ENGINES[name])]
+        raise ConfigError(f"engine {name!r}: {e}; valid fields: {valid}") from None
+
+
+__all__ = ["Engine", "Site", "StepRecord", "FirstOrder", "Unrolled", "FiniteDifference", "Neumann", "CG",
+           "ENGINES", "make_engine"]

@@ -1,0 +1,138 @@
+"""The one engine interface: a VJP through one problem's solution map.
+
+A problem Q that reads problems R1, R2, ... produces a solution ``w'`` (its
+parameters after its steps). Given an adjoint ``u = ∂(objective above)/∂w'``,
+an engine returns ``(∂w'/∂R)ᵀ u`` for each requested read R. Engines see a
+``Site`` — everything recorded about Q's last run — and nothing else.
+"""
+from __future__ import annotations
+
+import abc
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from .. import updates
+from ..tree import Tree
+
+
+@dataclass
+class StepRecord:
+    """One optimizer step of a problem: the point, the batch, the optimizer snapshot."""
+
+    params: Tree | None              # parameters before the step (detached copies), if kept
+    batch: Any
+    rng: Any                         # RNG state at the step (replayed so dropout masks match)
+    snapshot: updates.Snapshot | None
+
+
+@dataclass
+class Site:
+    """What an engine may use to differentiate one problem's solution map.
+
+    ``loss(params, reads, record)`` evaluates the problem's *signed* objective
+    (``-objective`` for a max problem, so every engine treats a minimization)
+    on the record's batch with the record's RNG state replayed. ``reads`` holds
+    the values the problem read (detached); ``solution`` its parameters after
+    its steps; ``records`` its last steps, oldest first (at least one; the last
+    is the batch the implicit engines use).
+    """
+
+    name: str
+    loss: Callable[[Tree, dict[str, Tree], StepRecord], Tensor]
+    reads: dict[str, Tree]
+    solution: Tree
+    lr: float                       # learning rate of the last step (first parameter group)
+    records: list[StepRecord] = field(default_factory=list)
+
+    @property
+    def last(self) -> StepRecord:
+        return self.records[-1]
+
+    def bind(self, wrt: list[str]) -> dict[str, Tree]:
+        """Read values with fresh grad-requiring leaves for the reads in ``wrt``."""
+        out = {}
+        for r, tree in self.reads.items():
+            out[r] = {k: v.detach().requires_grad_(r in wrt) for k, v in tree.items()}
+        return out
+
+
+class Engine(abc.ABC):
+    """Base class. Subclasses are small frozen dataclasses: their fields are the config."""
+
+    #: whether the engine needs the pre-step point and optimizer snapshot
+    needs_records: int = 0
+
+    @abc.abstractmethod
+    def vjp(self, site: Site, u: Tree, wrt: list[str]) -> dict[str, Tree]:
+        """Return ``{R: (∂w'/∂R)ᵀ u}`` for every ``R`` in ``wrt``."""
+
+    def validate_for(self, problem, where: str) -> None:
+        """Raise ``ConfigError`` if this engine cannot run on ``problem``."""
+
+
+def mixed_vjp(site: Site, q: Tree, wrt: list[str], grad_graph) -> dict[str, Tree]:
+    """``Mᵀ q = ∂/∂R ⟨∇_w loss(w, R), q⟩`` from a ``grad_with_graph`` result (double backward)."""
+    gw, reads = grad_graph
+    targets = {f"{r}\0{k}": v for r in wrt for k, v in reads[r].items()}
+    keys = list(gw)
+    flat = torch.autograd.grad([gw[k] for k in keys], list(targets.values()),
+                               grad_outputs=[q[k] for k in keys], allow_unused=True,
+                               materialize_grads=True, retain_graph=True)
+    out: dict[str, Tree] = {r: {} for r in wrt}
+    for name, g in zip(targets, flat):
+        r, k = name.split("\0", 1)
+        out[r][k] = g
+    return out
+
+
+def grad_with_graph(site: Site, point: Tree, record: StepRecord, wrt: list[str]):
+    """``∇_w loss`` at ``point`` with a graph kept for further differentiation."""
+    w = {k: v.detach().requires_grad_(True) for k, v in point.items()}
+    reads = site.bind(wrt)
+    loss = site.loss(w, reads, record)
+    keys = list(w)
+    gs = torch.autograd.grad(loss, [w[k] for k in keys], create_graph=True,
+                             allow_unused=True, materialize_grads=True)
+    return _GradGraph(dict(zip(keys, gs)), reads, w)
+
+
+class _GradGraph(tuple):
+    """(∇_w loss, read leaves) plus the parameter leaves, for HVPs."""
+
+    def __new__(cls, gw, reads, w):
+        obj = super().__new__(cls, (gw, reads))
+        obj.w = w
+        return obj
+
+
+def hvp(graph: "_GradGraph", v: Tree) -> Tree:
+    """Hessian-vector product ``H v`` reusing one gradient graph."""
+    gw, w = graph[0], graph.w
+    keys = list(gw)
+    hv = torch.autograd.grad([gw[k] for k in keys], [w[k] for k in keys], grad_outputs=[v[k] for k in keys],
+                             retain_graph=True, allow_unused=True, materialize_grads=True)
+    return dict(zip(keys, hv))
+
+
+def check_int(owner: str, field_name: str, value, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        from ..errors import ConfigError
+        raise ConfigError(f"{owner}.{field_name}: expected an integer >= {minimum}, got {value!r}")
+
+
+def check_float(owner: str, field_name: str, value, *, positive: bool = False, optional: bool = False) -> None:
+    from ..errors import ConfigError
+    if value is None and optional:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    if ok and positive:
+        ok = value > 0
+    elif ok:
+        ok = value >= 0
+    if not ok:
+        need = "a positive number" if positive else "a number >= 0"
+        raise ConfigError(f"{owner}.{field_name}: expected {need}{' or None' if optional else ''}, got {value!r}")

@@ -1,0 +1,177 @@
+"""``Graph``: which problem reads which, the execution order, and what that implies.
+
+Problems run in ``order``. A problem that reads a problem *earlier* in the order
+reads its updated solution, and hypergradients flow back through that edge; one
+that reads a *later* problem reads its current value (a hyperparameter). From
+these two facts the graph derives, once, for every problem P: which earlier
+problems depend on P this step, and the reverse sweep that brings P's
+hypergradient back — each edge visited once, adjoints summed where paths meet.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Sequence
+
+from torch import nn
+
+from .engines import Engine, FirstOrder, Unrolled
+from .errors import GraphError
+from .problem import Problem
+
+
+@dataclass(frozen=True)
+class SweepStep:
+    """Propagate the adjoint at ``problem``'s solution to the reads in ``wrt``."""
+
+    problem: str
+    wrt: tuple[tuple[str, Engine], ...]     # (read name, engine) pairs
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How to compute one problem's total gradient."""
+
+    upstream: tuple[str, ...]     # reads of P whose updated value depends on P (adjoint seeds)
+    sweep: tuple[SweepStep, ...]  # reverse execution order
+
+
+class Graph:
+    """A validated set of problems and their dependencies.
+
+    ``Graph(problems, order=None)``: ``order`` lists every problem name once
+    (default: the order of ``problems``). Raises ``GraphError`` for unknown
+    names, duplicates, self-reads, problems nobody reads, and engines that the
+    schedule cannot serve.
+    """
+
+    def __init__(self, problems: Sequence[Problem], order: Sequence[str] | None = None):
+        problems = list(problems)
+        if not problems:
+            raise GraphError("Graph: no problems given")
+        for p in problems:
+            if not isinstance(p, Problem):
+                raise GraphError(f"Graph: expected Problem objects, got {type(p).__name__}")
+        names = [p.name for p in problems]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise GraphError(f"Graph: duplicate problem name(s): {', '.join(map(repr, dup))}")
+        self.problems: dict[str, Problem] = {p.name: p for p in problems}
+        self.order: list[str] = list(order) if order is not None else names
+        self._validate()
+        self.index = {n: i for i, n in enumerate(self.order)}
+        self.engines = {(q, r): self._engine(q, r) for q in self.order for r in self.problems[q].reads}
+        self.plans = {p: self._plan(p) for p in self.order}
+        self.traced = {s.problem for plan in self.plans.values() for s in plan.sweep}
+        self.records_needed = {q: max([getattr(e, "needs_records", 0) for (qq, _), e in self.engines.items()
+                                       if qq == q] or [0]) for q in self.traced}
+        self._owners: dict[int, dict] = {}
+        self.validate_engines()
+
+    # ------------------------------------------------------------- validation
+    def _unknown(self, name: str, where: str) -> GraphError:
+        close = difflib.get_close_matches(name, list(self.problems), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; known problems: {', '.join(self.problems)}"
+        return GraphError(f"{where}: unknown problem {name!r}{hint}")
+
+    def _validate(self) -> None:
+        for n in self.order:
+            if n not in self.problems:
+                raise self._unknown(n, "Graph order")
+        missing = [n for n in self.problems if n not in self.order]
+        if missing or len(self.order) != len(set(self.order)):
+            raise GraphError(f"Graph order must list every problem exactly once; got {self.order}, "
+                             f"problems {list(self.problems)}")
+        for p in self.problems.values():
+            for r in p.reads:
+                if r not in self.problems:
+                    raise self._unknown(r, f"problem {p.name!r} reads")
+                if r == p.name:
+                    raise GraphError(f"problem {p.name!r} reads itself; its own parameters are always in scope")
+            for r in p.edge_engines:
+                if r not in p.reads:
+                    raise GraphError(f"problem {p.name!r}: edge_engines names {r!r}, which it does not read")
+        if len(self.problems) > 1:
+            read = {r for p in self.problems.values() for r in p.reads}
+            unread = [n for n in self.order if n not in read]
+            if unread:
+                raise GraphError(f"problem(s) {', '.join(map(repr, unread))} are read by no objective: "
+                                 "they do not influence any other problem; add them to some Problem.reads "
+                                 "or run them separately")
+
+    def _engine(self, q: str, r: str) -> Engine:
+        p = self.problems[q]
+        eng = p.edge_engines.get(r, p.engine)
+        if eng is None:
+            eng = Unrolled()
+        if not isinstance(eng, Engine):
+            raise GraphError(f"problem {q!r}: engine for edge {q}->{r} must be an engine config such as "
+                             f"Unrolled() or CG(iterations=10), got {type(eng).__name__}")
+        return eng
+
+    # ------------------------------------------------------------- planning
+    def _live(self, q: str, r: str) -> bool:
+        return not isinstance(self.engines[(q, r)], FirstOrder)
+
+    def _plan(self, p: str) -> Plan:
+        ip = self.index[p]
+        dep: set[str] = set()
+        for q in self.order[:ip]:
+            iq = self.index[q]
+            for r in self.problems[q].reads:
+                if not self._live(q, r):
+                    continue
+                if r == p or (r in dep and self.index[r] < iq):
+                    dep.add(q)
+                    break
+        sweep = []
+        for q in reversed(self.order[:ip]):
+            if q not in dep:
+                continue
+            iq = self.index[q]
+            wrt = tuple((r, self.engines[(q, r)]) for r in self.problems[q].reads
+                        if self._live(q, r) and (r == p or (r in dep and self.index[r] < iq)))
+            sweep.append(SweepStep(q, wrt))
+        upstream = tuple(r for r in self.problems[p].reads if r in dep)
+        # prune problems whose solution no adjoint can reach
+        reach = set(upstream)
+        kept = []
+        for s in sweep:
+            if s.problem in reach:
+                kept.append(s)
+                reach.update(r for r, _ in s.wrt if r != p)
+        return Plan(upstream, tuple(kept))
+
+    def validate_engines(self) -> None:
+        for (q, r), eng in self.engines.items():
+            if q in self.traced:
+                eng.validate_for(self.problems[q], f"problem {q!r}, edge {q}->{r}")
+
+    # ------------------------------------------------------------- helpers
+    def owner_index(self, module: nn.Module) -> dict:
+        """Map ``module``'s parameter names to (owning problem, key, leaf); cached."""
+        key = id(module)
+        cached = self._owners.get(key)
+        if cached is not None and cached[0] is module:
+            return cached[1]
+        by_id = {id(t): (n, k, t) for n, p in self.problems.items() for k, t in p.params_tree.items()}
+        index = {q: by_id[id(t)] for q, t in module.named_parameters(remove_duplicate=False) if id(t) in by_id}
+        self._owners[key] = (module, index)
+        return index
+
+    def modules(self) -> list[nn.Module]:
+        seen, out = set(), []
+        for p in self.problems.values():
+            for m in p.modules:
+                if id(m) not in seen:
+                    seen.add(id(m))
+                    out.append(m)
+        return out
+
+    def __repr__(self) -> str:
+        lines = [f"Graph(order={self.order})"]
+        for n in self.order:
+            p = self.problems[n]
+            edges = ", ".join(f"{r} [{type(self.engines[(n, r)]).__name__}]" for r in p.reads)
+            lines.append(f"  {n} ({p.mode}) reads: {edges or '-'}")
+        return "\n".join(lines)

@@ -1,0 +1,213 @@
+"""``Problem``: one level of a multi-level optimization program.
+
+A problem owns parameters, an objective, an optimizer and a data source. It does
+not know which engine differentiates it or who reads it: that is the graph's job.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError
+from .tree import Tree
+
+Objective = Callable[["Context", Any], Tensor]  # noqa: F821 (Context lives in context.py)
+
+
+@dataclass(eq=False)
+class Problem:
+    """One optimization problem: ``min`` (or ``max``) of ``objective`` over ``params``.
+
+    Fields:
+        name: unique name; other problems refer to it in ``reads``.
+        params: an ``nn.Module`` (all its parameters), a ``dict`` of named tensors,
+            a list of tensors, or a single tensor. Inside the objective
+            ``ctx[name]`` returns them in the same structure (a module becomes a
+            dict of its named parameters; use ``ctx.forward(module, x)``).
+        objective: ``objective(ctx, batch) -> scalar tensor``. Read parameters
+            only through ``ctx`` (``ctx[name]`` / ``ctx.forward``), so engines can
+            evaluate it at other points.
+        optimizer: a ``torch.optim.Optimizer`` over exactly these parameters, or
+            a factory ``params -> Optimizer``.
+        data: any iterable (e.g. a ``DataLoader``); cycled forever. ``None`` means
+            the objective is called with ``batch=None``.
+        reads: names of the problems whose parameters the objective reads.
+        steps: optimizer steps this problem takes each time it runs.
+        mode: ``"min"`` or ``"max"``.
+        scheduler: optional factory ``optimizer -> LR scheduler``, stepped after
+            every optimizer step.
+        engine: how this problem's solution is differentiated with respect to
+            what it reads (default: ``Unrolled(steps=1)``); ``edge_engines`` maps a
+            read name to an engine for that one edge.
+        grad_clip: clip the update direction to this global L2 norm (the clip is
+            part of the update rule the unrolled engines differentiate).
+        modules: extra modules whose buffers (BatchNorm statistics) must be
+            protected during auxiliary passes; the ``params`` module is included.
+    """
+
+    name: str
+    params: nn.Module | Mapping[str, Tensor] | Sequence[Tensor] | Tensor
+    objective: Objective
+    optimizer: torch.optim.Optimizer | Callable[[list[Tensor]], torch.optim.Optimizer]
+    data: Iterable | None = None
+    reads: Sequence[str] = ()
+    steps: int = 1
+    mode: Literal["min", "max"] = "min"
+    scheduler: Callable[[torch.optim.Optimizer], Any] | None = None
+    engine: Any = None
+    edge_engines: Mapping[str, Any] = field(default_factory=dict)
+    grad_clip: float | None = None
+    modules: Sequence[nn.Module] = ()
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"Problem.name: expected a non-empty string, got {self.name!r}")
+        where = f"problem {self.name!r}"
+        if self.mode not in ("min", "max"):
+            raise ConfigError(f"{where}: mode: expected 'min' or 'max', got {self.mode!r}")
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
+            raise ConfigError(f"{where}: steps: expected an integer >= 1, got {self.steps!r}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"{where}: grad_clip: expected a positive number or None, got {self.grad_clip!r}")
+        if not callable(self.objective):
+            raise ConfigError(f"{where}: objective: expected a callable objective(ctx, batch)")
+        if isinstance(self.reads, str):
+            self.reads = [self.reads]
+        self.reads = list(self.reads)
+        self.params_tree, self.structure = _normalize_params(self.params, where)
+        mods = list(self.modules)
+        if isinstance(self.params, nn.Module):
+            mods.insert(0, self.params)
+        self.modules = mods
+        self.optimizer = self._build_optimizer(where)
+        self.scheduler_obj = self.scheduler(self.optimizer) if self.scheduler is not None else None
+        self.sign = 1.0 if self.mode == "min" else -1.0
+        self.stream = DataStream(self.data)
+
+    # ------------------------------------------------------------------ helpers
+    def _build_optimizer(self, where: str) -> torch.optim.Optimizer:
+        leaves = list(self.params_tree.values())
+        opt = self.optimizer
+        if isinstance(opt, torch.optim.Optimizer):
+            owned = {id(p) for g in opt.param_groups for p in g["params"]}
+            if owned != {id(p) for p in leaves}:
+                raise ConfigError(f"{where}: optimizer: it must hold exactly this problem's parameters")
+            return opt
+        if callable(opt):
+            opt = opt(leaves)
+            if not isinstance(opt, torch.optim.Optimizer):
+                raise ConfigError(f"{where}: optimizer: the factory returned {type(opt).__name__}, not an Optimizer")
+            return opt
+        raise ConfigError(f"{where}: optimizer: expected an Optimizer or a factory params -> Optimizer")
+
+    def unpack(self, tree: Tree):
+        """Tree -> the structure the user declared (what ``ctx[name]`` returns)."""
+        kind = self.structure
+        if kind == "tensor":
+            return tree[""]
+        if kind == "list":
+            return [tree[str(i)] for i in range(len(tree))]
+        return tree
+
+    def __repr__(self) -> str:
+        return f"Problem({self.name!r}, mode={self.mode!r}, reads={self.reads}, steps={self.steps})"
+
+
+def _normalize_params(params, where: str) -> tuple[Tree, str]:
+    if isinstance(params, nn.Module):
+        tree, kind = dict(params.named_parameters()), "dict"
+    elif isinstance(params, Tensor):
+        tree, kind = {"": params}, "tensor"
+    elif isinstance(params, Mapping):
+        tree, kind = dict(params), "dict"
+    elif isinstance(params, (list, tuple)):
+        tree, kind = {str(i): p for i, p in enumerate(params)}, "list"
+    else:
+        raise ConfigError(f"{where}: params: expected an nn.Module, dict, list or tensor, "
+                          f"got {type(params).__name__}")
+    if not tree:
+        raise ConfigError(f"{where}: params: no parameters")
+    for k, p in tree.items():
+        if not isinstance(p, Tensor):
+            raise ConfigError(f"{where}: params[{k!r}]: expected a tensor, got {type(p).__name__}")
+        if not p.is_leaf:
+            raise ConfigError(f"{where}: params[{k!r}]: must be a leaf tensor (create it with "
+                              "torch.zeros(...).requires_grad_() or nn.Parameter)")
+        if not p.is_floating_point():
+            raise ConfigError(f"{where}: params[{k!r}]: must be floating point, got {p.dtype}")
+        p.requires_grad_(True)
+    return tree, kind
+
+
+class DataStream:
+    """Cycles an iterable forever and remembers where it is, for exact resume.
+
+    The position is (epoch, batches drawn this epoch) plus the RNG states in
+    force when the epoch's iterator was created, so a shuffled ``DataLoader``
+    replays the same order after a restart.
+    """
+
+    def __init__(self, data: Iterable | None):
+        self.data = data
+        self.epoch = 0
+        self.position = 0
+        self._iter = None
+        self._epoch_rng = None
+
+    def next(self):
+        if self.data is None:
+            return None
+        if self._iter is None:
+            self._start_epoch()
+        try:
+            batch = next(self._iter)
+        except StopIteration:
+            self.epoch += 1
+            self._start_epoch()
+            try:
+                batch = next(self._iter)
+            except StopIteration:
+                raise ConfigError("a problem's data source yielded no batches") from None
+        self.position += 1
+        return batch
+
+    def _start_epoch(self):
+        self._epoch_rng = _capture_rng(self.data)
+        self.position = 0
+        self._iter = iter(self.data)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "rng": self._epoch_rng}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        self._iter = None
+        self._epoch_rng = state["rng"]
+        if self.data is None or state["rng"] is None:
+            self.position = 0
+            return
+        now = _capture_rng(self.data)
+        _restore_rng(self.data, state["rng"])
+        self._iter = iter(self.data)
+        _restore_rng(self.data, now)
+        for _ in range(int(state["position"])):
+            next(self._iter)
+        self.position = int(state["position"])
+
+
+def _capture_rng(data) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    gen = getattr(data, "generator", None)
+    if isinstance(gen, torch.Generator):
+        state["generator"] = gen.get_state()
+    return state
+
+
+def _restore_rng(data, state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    gen = getattr(data, "generator", None)
+    if isinstance(gen, torch.Generator) and "generator" in state:
+        gen.set_state(state["generator"])

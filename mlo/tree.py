@@ -1,0 +1,73 @@
+"""Tiny helpers for "parameter trees": ordered ``dict[str, Tensor]``.
+
+Every problem's parameters, every adjoint and every hypergradient is such a dict;
+keeping one representation makes the engines short.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+Tree = dict[str, Tensor]
+
+
+def detach(tree: Tree, requires_grad: bool = False) -> Tree:
+    """Detached views (no copy); optionally fresh leaves that require grad."""
+    out = {}
+    for k, v in tree.items():
+        d = v.detach()
+        out[k] = d.requires_grad_(True) if requires_grad else d
+    return out
+
+
+def clone(tree: Tree) -> Tree:
+    return {k: v.detach().clone() for k, v in tree.items()}
+
+
+def zeros_like(tree: Tree) -> Tree:
+    return {k: torch.zeros_like(v) for k, v in tree.items()}
+
+
+def add_(acc: Tree | None, tree: Tree) -> Tree:
+    """Accumulate ``tree`` into ``acc`` (returns the accumulator)."""
+    if acc is None:
+        return {k: v.clone() for k, v in tree.items()}
+    for k, v in tree.items():
+        acc[k] = acc[k] + v
+    return acc
+
+
+def axpy(a: float | Tensor, x: Tree, y: Tree) -> Tree:
+    """``a * x + y``."""
+    return {k: y[k] + a * x[k] for k in y}
+
+
+def scale(a: float | Tensor, x: Tree) -> Tree:
+    return {k: a * v for k, v in x.items()}
+
+
+def dot(x: Tree, y: Tree) -> Tensor:
+    return sum((x[k] * y[k]).sum() for k in x)
+
+
+def norm(x: Tree) -> Tensor:
+    if not x:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v) for v in x.values()]))
+
+
+def grads(outputs, inputs: Tree, grad_outputs=None, create_graph: bool = False,
+          retain_graph: bool | None = None) -> Tree:
+    """``torch.autograd.grad`` over a tree; unused inputs get zeros, never ``None``."""
+    keys = list(inputs)
+    gs = torch.autograd.grad(outputs, [inputs[k] for k in keys], grad_outputs=grad_outputs,
+                             create_graph=create_graph, retain_graph=retain_graph,
+                             allow_unused=True, materialize_grads=True)
+    return dict(zip(keys, gs))
+
+
+def all_finite(x: Tree) -> Tensor:
+    """One device-side boolean: every entry of every tensor is finite (no host sync)."""
+    if not x:
+        return torch.ones((), dtype=torch.bool)
+    return torch.stack([torch.isfinite(v).all() for v in x.values()]).all()
