@@ -13,7 +13,7 @@ from .engines import CG, ENGINES, Engine, FiniteDifference, FirstOrder, Neumann,
 from .errors import ConfigError, GraphError, MLOError, NonFiniteError
 from .graph import Graph
 from .metrics import CSVWriter, JSONLWriter, ProgressBar, TensorBoardWriter
-from .problem import Problem
+from .problem import Problem, SameBatch
 from .run import Runner
 from .state import graph_state_dict, load_checkpoint, load_graph_state_dict, save_checkpoint
 from .step import Stepper, preserve_buffers
@@ -21,7 +21,7 @@ from .step import Stepper, preserve_buffers
 __version__ = "0.1.0"
 
 __all__ = [
-    "Problem", "Graph", "Context", "Runner", "Stepper",
+    "Problem", "SameBatch", "Graph", "Context", "Runner", "Stepper",
     "Engine", "FirstOrder", "Unrolled", "FiniteDifference", "Neumann", "CG", "ENGINES", "make_engine",
     "hypergradient", "check_hypergradient", "CheckReport",
     "MLOError", "GraphError", "ConfigError", "NonFiniteError",

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .graph import Graph
+from .problem import SameBatch
 from .state import graph_state_dict, load_graph_state_dict
 from .step import Stepper, preserve_buffers
 from .tree import Tree
@@ -28,6 +29,8 @@ def _fixed_batches(graph: Graph, name: str, batches: dict | None) -> dict:
         p = graph.problems[q]
         if batches is not None and q in batches:
             out[q] = [batches[q]] * p.steps
+        elif isinstance(p.data, SameBatch):
+            out[q] = [out[p.data.source][-1]] * p.steps
         else:
             out[q] = [p.stream.next() for _ in range(p.steps)]
     return out
@@ -90,9 +93,13 @@ def check_hypergradient(graph: Graph, name: str, batches: dict | None = None, ep
     else along ``directions`` (default 8) random unit vectors. Use float64
     parameters for a meaningful comparison. Nothing in the graph changes.
     """
+    problem = graph.problems[name]
+    if any(t.dtype != torch.float64 for p in graph.problems.values() for t in p.params_tree.values()):
+        import warnings
+        warnings.warn("check_hypergradient: some parameters are not float64; a central difference in lower "
+                      "precision is dominated by rounding (convert the problems with .double())")
     fixed = _fixed_batches(graph, name, batches)
     hg = hypergradient(graph, name, fixed)["total"]
-    problem = graph.problems[name]
     keys = list(problem.params_tree)
     sizes = [problem.params_tree[k].numel() for k in keys]
     n = sum(sizes)

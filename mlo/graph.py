@@ -17,7 +17,7 @@ from torch import nn
 
 from .engines import Engine, FirstOrder, Unrolled
 from .errors import GraphError
-from .problem import Problem
+from .problem import Problem, SameBatch
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,14 @@ class Graph:
                     raise self._unknown(r, f"problem {p.name!r} reads")
                 if r == p.name:
                     raise GraphError(f"problem {p.name!r} reads itself; its own parameters are always in scope")
+            if isinstance(p.data, SameBatch):
+                src = p.data.source
+                if src not in self.problems:
+                    raise self._unknown(src, f"problem {p.name!r} data=SameBatch")
+                if self.order.index(src) >= self.order.index(p.name):
+                    raise GraphError(f"problem {p.name!r} uses SameBatch({src!r}), but {src!r} does not run "
+                                     "before it in the order, so it has no batch to share yet")
+                p.stream.source = self.problems[src].stream
             for r in p.edge_engines:
                 if r not in p.reads:
                     raise GraphError(f"problem {p.name!r}: edge_engines names {r!r}, which it does not read")
@@ -172,6 +180,10 @@ class Graph:
         lines = [f"Graph(order={self.order})"]
         for n in self.order:
             p = self.problems[n]
-            edges = ", ".join(f"{r} [{type(self.engines[(n, r)]).__name__}]" for r in p.reads)
-            lines.append(f"  {n} ({p.mode}) reads: {edges or '-'}")
+            parts = []
+            for r in p.reads:
+                kind = "solution" if self.index[r] < self.index[n] else "value"
+                eng = f" via {type(self.engines[(n, r)]).__name__}" if n in self.traced else ""
+                parts.append(f"{r} ({kind}){eng}")
+            lines.append(f"  {n} ({p.mode}) reads: {', '.join(parts) or '-'}")
         return "\n".join(lines)

@@ -33,7 +33,8 @@ class Problem:
         optimizer: a ``torch.optim.Optimizer`` over exactly these parameters, or
             a factory ``params -> Optimizer``.
         data: any iterable (e.g. a ``DataLoader``); cycled forever. ``None`` means
-            the objective is called with ``batch=None``.
+            the objective is called with ``batch=None``. ``SameBatch("other")``
+            reuses the batch problem ``other`` drew last (it must run earlier).
         reads: names of the problems whose parameters the objective reads.
         steps: optimizer steps this problem takes each time it runs.
         mode: ``"min"`` or ``"max"``.
@@ -142,6 +143,17 @@ def _normalize_params(params, where: str) -> tuple[Tree, str]:
     return tree, kind
 
 
+@dataclass(frozen=True)
+class SameBatch:
+    """Data spec: use the batch that problem ``source`` drew most recently.
+
+    For problems that must see the same examples as another one, e.g. an
+    audience trained on the examples the explainer just explained.
+    """
+
+    source: str
+
+
 class DataStream:
     """Cycles an iterable forever and remembers where it is, for exact resume.
 
@@ -154,10 +166,15 @@ class DataStream:
         self.data = data
         self.epoch = 0
         self.position = 0
+        self.last = None
+        self.source: DataStream | None = None   # set by the Graph for SameBatch
         self._iter = None
         self._epoch_rng = None
 
     def next(self):
+        if isinstance(self.data, SameBatch):
+            self.last = self.source.last
+            return self.last
         if self.data is None:
             return None
         if self._iter is None:
@@ -172,6 +189,7 @@ class DataStream:
             except StopIteration:
                 raise ConfigError("a problem's data source yielded no batches") from None
         self.position += 1
+        self.last = batch
         return batch
 
     def _start_epoch(self):
@@ -186,7 +204,7 @@ class DataStream:
         self.epoch = int(state["epoch"])
         self._iter = None
         self._epoch_rng = state["rng"]
-        if self.data is None or state["rng"] is None:
+        if self.data is None or isinstance(self.data, SameBatch) or state["rng"] is None:
             self.position = 0
             return
         now = _capture_rng(self.data)
