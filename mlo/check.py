@@ -48,7 +48,10 @@ def hypergradient(graph: Graph, name: str, batches: dict | None = None) -> dict[
     direction). ``batches`` maps problem names to a batch (used for each of that
     problem's steps); missing ones are drawn from the problems' data once.
     """
-    fixed = _fixed_batches(graph, name, batches)
+    return _hypergradient(graph, name, _fixed_batches(graph, name, batches))
+
+
+def _hypergradient(graph: Graph, name: str, fixed: dict) -> dict[str, Tree]:
     saved = graph_state_dict(graph)
     try:
         stepper = Stepper(graph, nan_policy="off", batch_fn=lambda p, k: fixed[p.name][k])
@@ -99,7 +102,7 @@ def check_hypergradient(graph: Graph, name: str, batches: dict | None = None, ep
         warnings.warn("check_hypergradient: some parameters are not float64; a central difference in lower "
                       "precision is dominated by rounding (convert the problems with .double())")
     fixed = _fixed_batches(graph, name, batches)
-    hg = hypergradient(graph, name, fixed)["total"]
+    hg = _hypergradient(graph, name, fixed)["total"]
     keys = list(problem.params_tree)
     sizes = [problem.params_tree[k].numel() for k in keys]
     n = sum(sizes)

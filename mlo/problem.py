@@ -210,9 +210,10 @@ class DataStream:
         now = _capture_rng(self.data)
         _restore_rng(self.data, state["rng"])
         self._iter = iter(self.data)
-        _restore_rng(self.data, now)
+        # a sampler may draw its permutation lazily, at the first next(): replay those draws too
         for _ in range(int(state["position"])):
             next(self._iter)
+        _restore_rng(self.data, now)
         self.position = int(state["position"])
 
 

@@ -21,11 +21,15 @@ class Runner:
     ``checkpoint`` (a file path) is written atomically every ``checkpoint_every``
     steps, at the end, and when SIGINT/SIGTERM arrives (the current step is
     finished first). ``Runner.resume`` continues from such a file.
+    ``before_step(step)`` runs before every outer step (schedules, dropout rates) and
+    may return names of problems that sit out that step.
+    ``extra_state()`` adds application state to every checkpoint (under ``"extra"``).
     """
 
     def __init__(self, graph: Graph, callbacks: Iterable[Callback] = (), log_every: int = 1,
                  nan_policy: str = "raise", progress: bool = True, checkpoint: str | os.PathLike | None = None,
-                 checkpoint_every: int = 0, stepper: Stepper | None = None, extra_state: Callable[[], dict] | None = None):
+                 checkpoint_every: int = 0, stepper: Stepper | None = None, extra_state: Callable[[], dict] | None = None,
+                 before_step: Callable[[int], Iterable[str] | None] | None = None):
         if log_every < 1:
             raise ValueError(f"log_every: expected an integer >= 1, got {log_every}")
         self.graph = graph
@@ -36,8 +40,10 @@ class Runner:
         self.checkpoint = os.fspath(checkpoint) if checkpoint is not None else None
         self.checkpoint_every = checkpoint_every
         self.extra_state = extra_state
+        self.before_step = before_step
         self.last_row: dict = {}
         self.interrupted = False
+        self._saved_at = -1
 
     @property
     def step(self) -> int:
@@ -57,6 +63,8 @@ class Runner:
 
     def save(self, path: str | os.PathLike | None = None) -> None:
         save_checkpoint(self.state_dict(), path or self.checkpoint)
+        if path is None or os.fspath(path) == self.checkpoint:
+            self._saved_at = self.step
 
     def resume(self, path: str | os.PathLike | None = None) -> dict:
         state = load_checkpoint(path or self.checkpoint)
@@ -78,7 +86,8 @@ class Runner:
                 pass
         try:
             while self.step < steps and not self.interrupted:
-                metrics = self.stepper.step()
+                skip = self.before_step(self.step) if self.before_step else None
+                metrics = self.stepper.step(skip=frozenset(skip or ()))
                 i = self.step
                 if i % self.log_every == 0 or i == steps:
                     row = flatten(metrics)
@@ -92,7 +101,7 @@ class Runner:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            if self.checkpoint and self.step > 0:
+            if self.checkpoint and self.step > 0 and self._saved_at != self.step:
                 self.save()
         return self.last_row
 

@@ -2,6 +2,7 @@
 and crash-safe checkpoint files."""
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 import warnings
@@ -19,8 +20,8 @@ def graph_state_dict(graph: Graph) -> dict:
     for name, p in graph.problems.items():
         problems[name] = {
             "params": {k: v.detach().clone() for k, v in p.params_tree.items()},
-            "optimizer": p.optimizer.state_dict(),
-            "scheduler": p.scheduler_obj.state_dict() if p.scheduler_obj is not None else None,
+            "optimizer": copy.deepcopy(p.optimizer.state_dict()),   # state_dict() aliases live buffers
+            "scheduler": copy.deepcopy(p.scheduler_obj.state_dict()) if p.scheduler_obj is not None else None,
             "data": p.stream.state_dict(),
         }
     buffers = [{k: b.detach().clone() for k, b in m.named_buffers()} for m in graph.modules()]
@@ -42,9 +43,9 @@ def load_graph_state_dict(graph: Graph, state: dict, data: bool = True) -> None:
                 if k not in s["params"] or s["params"][k].shape != v.shape:
                     raise MLOError(f"checkpoint does not match problem {name!r}: parameter {k!r}")
                 v.copy_(s["params"][k])
-            p.optimizer.load_state_dict(s["optimizer"])
+            p.optimizer.load_state_dict(copy.deepcopy(s["optimizer"]))   # load_state_dict would alias them
             if p.scheduler_obj is not None and s["scheduler"] is not None:
-                p.scheduler_obj.load_state_dict(s["scheduler"])
+                p.scheduler_obj.load_state_dict(copy.deepcopy(s["scheduler"]))
         for m, saved in zip(graph.modules(), state["buffers"]):
             for k, b in m.named_buffers():
                 if k in saved:

@@ -68,8 +68,12 @@ class Stepper:
         self.sites: dict[str, Site] = {}
 
     # ---------------------------------------------------------------- public
-    def step(self, stop_before: str | None = None) -> dict[str, dict[str, Tensor]]:
+    def step(self, stop_before: str | None = None, skip: frozenset[str] | set[str] = frozenset()
+             ) -> dict[str, dict[str, Tensor]]:
         """One outer step. Returns per-problem metrics (device tensors, no sync).
+
+        Problems named in ``skip`` do not run this step (e.g. architecture
+        warm-up: train the weights only for the first epochs).
 
         With ``stop_before=P`` the step stops after computing P's first update
         direction, without applying it; the direction is in the metrics under
@@ -78,6 +82,8 @@ class Stepper:
         self.sites = {}
         metrics: dict[str, dict[str, Tensor]] = {}
         for name in self.graph.order:
+            if name in skip:
+                continue
             problem = self.graph.problems[name]
             keep = self.graph.records_needed.get(name, 0)
             traced = name in self.graph.traced
