@@ -95,6 +95,10 @@ def check_hypergradient(graph: Graph, name: str, batches: dict | None = None, ep
     Parameters are perturbed along every coordinate when there are at most 64,
     else along ``directions`` (default 8) random unit vectors. Use float64
     parameters for a meaningful comparison. Nothing in the graph changes.
+    The composition perturbs the live parameters, so an objective that uses
+    them as constants (through ``ctx.forward`` without declaring them in
+    ``reads``) moves too; engines follow declared dependencies only. Declare
+    every read for an exact agreement.
     """
     problem = graph.problems[name]
     if any(t.dtype != torch.float64 for p in graph.problems.values() for t in p.params_tree.values()):

@@ -198,7 +198,9 @@ class DataStream:
         self._iter = iter(self.data)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "rng": self._epoch_rng}
+        gen = getattr(self.data, "generator", None)
+        now = gen.get_state() if isinstance(gen, torch.Generator) else None
+        return {"epoch": self.epoch, "position": self.position, "rng": self._epoch_rng, "generator_now": now}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch = int(state["epoch"])
@@ -214,6 +216,9 @@ class DataStream:
         for _ in range(int(state["position"])):
             next(self._iter)
         _restore_rng(self.data, now)
+        gen = getattr(self.data, "generator", None)
+        if isinstance(gen, torch.Generator) and state.get("generator_now") is not None:
+            gen.set_state(state["generator_now"])   # where the loader's own generator had got to
         self.position = int(state["position"])
 
 

@@ -1,0 +1,106 @@
+"""applications.common.config: typed dataclass configs from YAML + overrides."""
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import pytest
+
+from applications.common.config import ConfigError, config_to_dict, load_config, save_config
+
+
+@dataclass
+class Optim:
+    lr: float = 0.1
+    epochs: int = 3
+    nesterov: bool = False
+    schedule: Literal["cosine", "step"] = "cosine"
+    milestones: list[int] = field(default_factory=lambda: [1, 2])
+
+    def validate(self):
+        if self.epochs < 1:
+            raise ConfigError(f"train.epochs: must be >= 1, got {self.epochs}")
+
+
+@dataclass
+class Data:
+    name: str = "digits"
+    root: Optional[str] = None
+    fraction: Optional[float] = None
+
+
+@dataclass
+class Cfg:
+    data: Data = field(default_factory=Data)
+    train: Optim = field(default_factory=lambda: Optim(epochs=7))
+    seed: int = 0
+
+
+def test_yaml_and_overrides_are_typed_and_merged(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1e-3\n  schedule: step\nseed: 5\n")
+    cfg = load_config(Cfg, str(path), ["train.lr=0.5", "data.root=/x", "train.milestones=[3, 4]", "train.nesterov=yes"])
+    assert cfg.train.lr == 0.5 and isinstance(cfg.train.lr, float)
+    assert cfg.train.schedule == "step"
+    assert cfg.train.epochs == 7  # the field's own default survives a partial section
+    assert cfg.train.milestones == [3, 4]
+    assert cfg.train.nesterov is True
+    assert cfg.data.root == "/x" and cfg.seed == 5
+
+
+def test_yaml_quirks_are_coerced(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1e-3\n  epochs: 2\n")  # PyYAML reads 1e-3 as a string
+    cfg = load_config(Cfg, str(path), ["data.name=no", "data.fraction=null", "train.milestones=5,6"])
+    assert cfg.train.lr == pytest.approx(1e-3)
+    assert cfg.data.name == "no"  # a str field keeps the text, not YAML's boolean
+    assert cfg.data.fraction is None
+    assert cfg.train.milestones == [5, 6]
+
+
+def test_unknown_keys_fail_with_valid_keys_listed(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(Cfg, str(path), [])
+    msg = str(err.value)
+    assert "train.lrr" in msg and "lr, epochs" in msg and "\n" not in msg
+    with pytest.raises(ConfigError, match="unknown key 'model'"):
+        load_config(Cfg, None, ["model.C=3"])
+    with pytest.raises(ConfigError, match="train.lr.x"):
+        load_config(Cfg, None, ["train.lr.x=3"])
+
+
+def test_bad_values_name_the_field():
+    with pytest.raises(ConfigError, match=r"^train\.lr: expected float, got 'abc'$"):
+        load_config(Cfg, None, ["train.lr=abc"])
+    with pytest.raises(ConfigError, match=r"train\.epochs: expected int"):
+        load_config(Cfg, None, ["train.epochs=1.5"])
+    with pytest.raises(ConfigError, match=r"train\.schedule: expected one of"):
+        load_config(Cfg, None, ["train.schedule=linear"])
+    with pytest.raises(ConfigError, match=r"train\.nesterov: expected bool"):
+        load_config(Cfg, None, ["train.nesterov=maybe"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(Cfg, None, ["train.lr"])
+
+
+def test_validate_hooks_run_on_nested_sections():
+    with pytest.raises(ConfigError, match="train.epochs: must be >= 1"):
+        load_config(Cfg, None, ["train.epochs=0"])
+
+
+def test_missing_or_broken_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(Cfg, str(tmp_path / "nope.yaml"), [])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(Cfg, str(bad), [])
+
+
+def test_save_and_reload_roundtrip(tmp_path):
+    cfg = load_config(Cfg, None, ["train.lr=0.25", "data.root=abc", "train.milestones=[9]"])
+    path = tmp_path / "saved.yaml"
+    save_config(cfg, path)
+    again = load_config(Cfg, str(path), [])
+    assert again == cfg
+    assert config_to_dict(again)["train"]["milestones"] == [9]
