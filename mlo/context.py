@@ -41,13 +41,20 @@ class Context:
                              f"reads (allowed: {allowed}); add it to Problem.reads")
         return self._graph.problems[name].unpack(self._values[name])
 
-    def forward(self, module: nn.Module, *args: Any, **kwargs: Any):
-        """Call ``module`` functionally with the bound parameter values."""
+    def forward(self, module: nn.Module, *args: Any, constants: tuple[str, ...] = (), **kwargs: Any):
+        """Call ``module`` functionally with the bound parameter values.
+
+        ``constants`` names problems whose values are used without gradient in
+        this one call (a stop-gradient for one term of an objective).
+        """
         owners = self._graph.owner_index(module)
         subs = {}
         for qual, (owner, key, leaf) in owners.items():
             vals = self._values.get(owner)
-            subs[qual] = vals[key] if vals is not None else leaf.detach()
+            if vals is None:
+                subs[qual] = leaf.detach()
+            else:
+                subs[qual] = vals[key].detach() if owner in constants else vals[key]
         return functional_call(module, subs, args, kwargs, strict=False)
 
     def log(self, key: str, value: Tensor | float) -> None:

@@ -87,3 +87,27 @@ def test_bad_value_type_names_the_field(tmp_path):
 def test_unknown_engine_is_rejected(tmp_path):
     r = _run(["--set", "engines.explainer.name=magic", "--out", str(tmp_path / "x")])
     assert r.returncode == 2 and "magic" in r.stderr and "finite_difference" in r.stderr
+
+
+PRESETS = sorted(f for f in os.listdir(os.path.join(ROOT, "applications", "lease", "configs"))
+                 if f.endswith(".yaml") and not f.startswith("train_"))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_search_preset_is_a_valid_config(preset):
+    from applications.common import load_config
+    from applications.lease.config import SearchConfig
+    cfg = load_config(SearchConfig, os.path.join(ROOT, "applications", "lease", "configs", preset),
+                      [] if preset == "digits.yaml" else ["data.root=some/folder"])
+    assert cfg.name == preset[:-5]
+    for edge in ("explainer", "explanation", "audience"):
+        getattr(cfg.engines, edge).build()
+
+
+def test_paper_presets_cover_the_table():
+    names = set(p[:-5] for p in PRESETS)
+    for ds in ("cifar10", "cifar100"):
+        for method in ("darts-1st", "darts-2nd", "pc-darts", "p-darts"):
+            for aud in ("resnet18", "resnet50", "baseline"):
+                assert f"{ds}-{method}-{aud}" in names
+    assert "imagenet-pc-darts-resnet18" in names
