@@ -1,0 +1,115 @@
+"""Crash-safe checkpoints.
+
+:func:`save_checkpoint` never leaves a half-written file under the checkpoint's
+name: it writes a temporary file in the same folder, flushes and fsyncs it, and
+renames it into place. The checkpoint it replaces is kept as ``<name>.prev``, so
+:func:`load_checkpoint` can fall back to it (with a warning) when the newest file
+is truncated or corrupt, e.g. after the disk filled up or the machine lost power.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from typing import Any
+
+import torch
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "previous_path"]
+
+
+class CheckpointError(RuntimeError):
+    """Neither the checkpoint nor its ``.prev`` backup could be loaded."""
+
+
+def previous_path(path: str | os.PathLike) -> str:
+    """Where :func:`save_checkpoint` keeps the checkpoint it replaced."""
+    return f"{os.fspath(path)}.prev"
+
+
+def save_checkpoint(obj: Any, path: str | os.PathLike) -> None:
+    """Write ``obj`` with ``torch.save`` atomically; keep the replaced file as ``<path>.prev``.
+
+    ``obj`` should hold only tensors, numbers, strings, lists and dicts so that
+    :func:`load_checkpoint` can read it with ``weights_only=True``.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if os.path.exists(path):
+            _keep_previous(path)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def load_checkpoint(path: str | os.PathLike) -> Any:
+    """Load a checkpoint on the CPU; fall back to ``<path>.prev`` if ``path`` is missing or corrupt.
+
+    Raises :class:`CheckpointError` naming both files when neither loads.
+    """
+    path = os.fspath(path)
+    prev = previous_path(path)
+    try:
+        return _load(path)
+    except Exception as exc:  # a damaged file surfaces as many different exception types
+        first = exc
+    if not os.path.exists(prev):
+        raise CheckpointError(f"cannot load checkpoint {path}: {_describe(first)}; no backup {prev} exists") from first
+    try:
+        obj = _load(prev)
+    except Exception as exc:
+        raise CheckpointError(
+            f"cannot load checkpoint {path} ({_describe(first)}) nor its backup {prev} ({_describe(exc)})"
+        ) from exc
+    warnings.warn(f"checkpoint {path} is unreadable ({_describe(first)}); loaded the previous one, {prev}", stacklevel=2)
+    return obj
+
+
+def _load(path: str) -> Any:
+    return torch.load(path, weights_only=True, map_location="cpu")
+
+
+def _describe(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if len(text) > 200:
+        text = text[:200] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _keep_previous(path: str) -> None:
+    """Make ``<path>.prev`` a copy of ``path`` while ``path`` itself stays in place."""
+    prev = previous_path(path)
+    staged = f"{prev}.tmp"
+    if os.path.exists(staged):
+        os.unlink(staged)
+    try:
+        os.link(path, staged)  # cheap: a second name for the same data
+    except OSError:
+        shutil.copyfile(path, staged)
+    os.replace(staged, prev)
+
+
+def _fsync_dir(folder: str) -> None:
+    """Persist the renames themselves (POSIX); silently skipped where directories cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,393 @@
+"""Typed configuration: a (nested) dataclass filled from YAML plus ``key.sub=value`` overrides.
+
+Programs describe their settings as dataclasses with defaults. :func:`load_config`
+reads an optional YAML file, applies command-line overrides, checks every key
+and value against the dataclass annotations *before any work starts*, and calls
+each dataclass's optional ``validate()`` hook for semantic checks. Errors are
+:class:`ConfigError` with a one-line message that names the offending key, e.g.
+``train.lr: expected float, got 'abc'``.
+
+Supported annotations: ``int``, ``float``, ``bool``, ``str``, ``Optional[...]``,
+``X | Y``, ``list[...]``, ``tuple[...]``, ``dict[str, ...]``, ``Literal[...]``,
+``Any`` and nested dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+__all__ = ["ConfigError", "load_config", "config_to_dict", "save_config"]
+
+T = TypeVar("T")
+
+_NONE_WORDS = {"null", "none", "~", ""}
+_TRUE_WORDS = {"true", "yes", "on", "1"}
+_FALSE_WORDS = {"false", "no", "off", "0"}
+
+
+class ConfigError(ValueError):
+    """An unknown key or an invalid value in a configuration; the message names the key."""
+
+
+class _CliText(str):
+    """A value typed on the command line, still unparsed.
+
+    Kept as text until the target field's type is known, so ``--set name=no``
+    stays the string ``"no"`` for a ``str`` field instead of becoming YAML's
+    boolean ``False``.
+    """
+
+
+def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: typing.Iterable[str] = ()) -> T:
+    """Build ``cls`` from the YAML file at ``path`` (optional) and ``key.sub=value`` overrides.
+
+    Overrides are applied after the file. Unknown keys, ill-typed values and
+    failed ``validate()`` hooks raise :class:`ConfigError` before anything else runs.
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"load_config needs a dataclass type, got {cls!r}")
+    raw: dict = {} if path is None else _read_yaml(path)
+    for item in overrides:
+        keys, value = _parse_override(item)
+        _check_override_key(cls, keys)
+        _set_nested(raw, keys, value)
+    cfg = _build(cls, raw, prefix="")
+    _validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """Plain nested ``dict`` of a config dataclass (tuples become lists, so YAML/JSON can hold it)."""
+    if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
+        raise TypeError(f"config_to_dict needs a dataclass instance, got {cfg!r}")
+    return _plain(dataclasses.asdict(cfg))
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> None:
+    """Write ``cfg`` as YAML that :func:`load_config` reads back to an equal object."""
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
+    tmp = f"{os.fspath(path)}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _read_yaml(path: str | os.PathLike) -> dict:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {os.fspath(path)}") from None
+    except yaml.YAMLError as exc:
+        detail = " ".join(str(exc).split())
+        raise ConfigError(f"{os.fspath(path)}: invalid YAML: {detail}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{os.fspath(path)}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _parse_override(item: str) -> tuple[list[str], _CliText]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.lr=0.01")
+    key, value = item.split("=", 1)
+    keys = [k.strip() for k in key.strip().split(".")]
+    if not all(keys):
+        raise ConfigError(f"override {item!r}: empty key segment")
+    return keys, _CliText(value.strip())
+
+
+def _check_override_key(cls: type, keys: list[str]) -> None:
+    """Fail on an override key that names no field, before it is merged into the raw mapping."""
+    current: Any = cls
+    for depth, name in enumerate(keys):
+        if not (isinstance(current, type) and dataclasses.is_dataclass(current)):
+            parent = ".".join(keys[:depth])
+            raise ConfigError(f"unknown key '{'.'.join(keys)}': '{parent}' is a value, not a section")
+        fields = _init_fields(current)
+        if name not in fields:
+            raise ConfigError(_unknown_key_message(".".join(keys[: depth + 1]), list(fields)))
+        current = _dataclass_in(get_type_hints(current)[name])
+
+
+def _dataclass_in(tp: Any) -> Any:
+    """The dataclass type inside ``tp`` (``Optional[Cfg]`` -> ``Cfg``), else ``tp`` itself."""
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return tp
+    if _is_union(tp):
+        for arg in get_args(tp):
+            if isinstance(arg, type) and dataclasses.is_dataclass(arg):
+                return arg
+    return tp
+
+
+def _set_nested(raw: dict, keys: list[str], value: Any) -> None:
+    node = raw
+    for name in keys[:-1]:
+        child = node.get(name)
+        if not isinstance(child, dict):
+            child = {}
+            node[name] = child
+        node = child
+    node[keys[-1]] = value
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _init_fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls) if f.init}
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _unknown_key_message(key: str, valid: list[str]) -> str:
+    name = key.rsplit(".", 1)[-1]
+    section = key.rsplit(".", 1)[0] if "." in key else ""
+    where = f" under '{section}'" if section else ""
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"unknown key '{key}'{hint}; valid keys{where}: {', '.join(valid)}"
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {_show(data)}")
+    fields = _init_fields(cls)
+    for key in data:
+        if key not in fields:
+            raise ConfigError(_unknown_key_message(_join(prefix, str(key)), list(fields)))
+    hints = get_type_hints(cls)
+    kwargs = {}
+    for name, fld in fields.items():
+        key = _join(prefix, name)
+        tp = hints[name]
+        if name in data:
+            value = data[name]
+            nested = _dataclass_in(tp)
+            default = _default_of(fld)
+            if isinstance(value, dict) and dataclasses.is_dataclass(nested) and default is not None:
+                # A partial section keeps the field's own defaults for the keys it leaves out.
+                value = _merge(config_to_dict(default), value)
+            kwargs[name] = _coerce(value, tp, key)
+        elif fld.default is dataclasses.MISSING and fld.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{key}: missing required value")
+    return cls(**kwargs)
+
+
+def _default_of(fld: dataclasses.Field) -> Any:
+    if fld.default is not dataclasses.MISSING:
+        value = fld.default
+    elif fld.default_factory is not dataclasses.MISSING:
+        value = fld.default_factory()
+    else:
+        return None
+    return value if dataclasses.is_dataclass(value) and not isinstance(value, type) else None
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _is_union(tp: Any) -> bool:
+    origin = get_origin(tp)
+    return origin is Union or (hasattr(types, "UnionType") and origin is types.UnionType)
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    if isinstance(tp, type) and not get_args(tp):
+        return tp.__name__
+    if _is_union(tp):
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(c) for c in get_args(tp))
+    return str(tp).replace("typing.", "")
+
+
+def _show(value: Any) -> str:
+    text = str(value) if isinstance(value, _CliText) else value
+    return repr(text)
+
+
+def _yaml_value(text: _CliText) -> Any:
+    try:
+        return yaml.safe_load(str(text))
+    except yaml.YAMLError:
+        return str(text)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against annotation ``tp``; convert where it is lossless (``1`` -> ``1.0``)."""
+    if tp is Any:
+        return _yaml_value(value) if isinstance(value, _CliText) else value
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if isinstance(value, _CliText):
+            value = _yaml_value(value)
+        if isinstance(value, tp):
+            return value
+        return _build(tp, value, key)
+    if _is_union(tp):
+        return _coerce_union(value, tp, key)
+    origin = get_origin(tp)
+    if origin is Literal:
+        return _coerce_literal(value, tp, key)
+    if origin in (list, tuple):
+        return _coerce_sequence(value, tp, origin, key)
+    if origin is dict:
+        return _coerce_dict(value, tp, key)
+    if tp is bool:
+        return _coerce_bool(value, key)
+    if tp is int:
+        return _coerce_int(value, key)
+    if tp is float:
+        return _coerce_float(value, key)
+    if tp is str:
+        if isinstance(value, str):
+            return str(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected str, got {_show(value)}")
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_show(value)}")
+
+
+def _coerce_union(value: Any, tp: Any, key: str) -> Any:
+    args = get_args(tp)
+    allows_none = type(None) in args
+    if value is None or (isinstance(value, _CliText) and value.strip().lower() in _NONE_WORDS):
+        if allows_none:
+            return None
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got null")
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _coerce(value, arg, key)
+        except ConfigError:
+            continue
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_show(value)}")
+
+
+def _coerce_literal(value: Any, tp: Any, key: str) -> Any:
+    choices = get_args(tp)
+    for choice in choices:
+        if isinstance(value, _CliText):
+            if str(value) == str(choice) or _yaml_value(value) == choice and type(_yaml_value(value)) is type(choice):
+                return choice
+        elif value == choice and type(value) is type(choice):
+            return choice
+    raise ConfigError(f"{key}: expected one of {', '.join(repr(c) for c in choices)}, got {_show(value)}")
+
+
+def _coerce_sequence(value: Any, tp: Any, origin: Any, key: str) -> Any:
+    if isinstance(value, _CliText):
+        parsed = _yaml_value(value)
+        if isinstance(parsed, (list, tuple)):
+            value = [_CliText(str(v)) if not isinstance(v, (list, dict)) else v for v in parsed]
+        elif str(value).strip() == "":
+            value = []
+        else:
+            value = [_CliText(part.strip()) for part in str(value).split(",")]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_show(value)}")
+    args = get_args(tp)
+    if origin is list or (len(args) == 2 and args[1] is Ellipsis):
+        item_tp = args[0] if args else Any
+        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if args and len(args) != len(value):
+        raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
+    item_tps = args or (Any,) * len(value)
+    return tuple(_coerce(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, item_tps)))
+
+
+def _coerce_dict(value: Any, tp: Any, key: str) -> dict:
+    if isinstance(value, _CliText):
+        value = _yaml_value(value)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping, got {_show(value)}")
+    args = get_args(tp)
+    key_tp, val_tp = args if args else (Any, Any)
+    return {_coerce(k, key_tp, key): _coerce(v, val_tp, _join(key, str(k))) for k, v in value.items()}
+
+
+def _coerce_bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in _TRUE_WORDS:
+            return True
+        if word in _FALSE_WORDS:
+            return False
+    raise ConfigError(f"{key}: expected bool, got {_show(value)}")
+
+
+def _coerce_int(value: Any, key: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip().replace("_", ""))
+        except ValueError:
+            pass
+    raise ConfigError(f"{key}: expected int, got {_show(value)}")
+
+
+def _coerce_float(value: Any, key: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            pass
+    raise ConfigError(f"{key}: expected float, got {_show(value)}")
+
+
+# --------------------------------------------------------------------------- validation and output
+
+
+def _validate(cfg: Any) -> None:
+    """Run ``validate()`` on every nested dataclass, innermost first."""
+    for fld in dataclasses.fields(cfg):
+        value = getattr(cfg, fld.name)
+        items = value if isinstance(value, (list, tuple)) else [value]
+        for item in items:
+            if dataclasses.is_dataclass(item) and not isinstance(item, type):
+                _validate(item)
+    hook = getattr(cfg, "validate", None)
+    if callable(hook):
+        hook()
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
