@@ -41,11 +41,13 @@ class Graph:
 
     ``Graph(problems, order=None)``: ``order`` lists every problem name once
     (default: the order of ``problems``). Raises ``GraphError`` for unknown
-    names, duplicates, self-reads, problems nobody reads, and engines that the
+    names, duplicates, self-reads, problems nobody reads (unless named in
+    ``allow_unread``, e.g. the last level of an ablation), and engines that the
     schedule cannot serve.
     """
 
-    def __init__(self, problems: Sequence[Problem], order: Sequence[str] | None = None):
+    def __init__(self, problems: Sequence[Problem], order: Sequence[str] | None = None,
+                 allow_unread: Sequence[str] = ()):
         problems = list(problems)
         if not problems:
             raise GraphError("Graph: no problems given")
@@ -58,6 +60,7 @@ class Graph:
             raise GraphError(f"Graph: duplicate problem name(s): {', '.join(map(repr, dup))}")
         self.problems: dict[str, Problem] = {p.name: p for p in problems}
         self.order: list[str] = list(order) if order is not None else names
+        self.allow_unread = set(allow_unread)
         self._validate()
         self.index = {n: i for i, n in enumerate(self.order)}
         self.engines = {(q, r): self._engine(q, r) for q in self.order for r in self.problems[q].reads}
@@ -101,11 +104,11 @@ class Graph:
                     raise GraphError(f"problem {p.name!r}: edge_engines names {r!r}, which it does not read")
         if len(self.problems) > 1:
             read = {r for p in self.problems.values() for r in p.reads}
-            unread = [n for n in self.order if n not in read]
+            unread = [n for n in self.order if n not in read and n not in self.allow_unread]
             if unread:
                 raise GraphError(f"problem(s) {', '.join(map(repr, unread))} are read by no objective: "
-                                 "they do not influence any other problem; add them to some Problem.reads "
-                                 "or run them separately")
+                                 "they do not influence any other problem; add them to some Problem.reads, "
+                                 "run them separately, or name them in Graph(allow_unread=...)")
 
     def _engine(self, q: str, r: str) -> Engine:
         p = self.problems[q]

@@ -47,7 +47,7 @@ class JSONLWriter:
 
 
 class CSVWriter:
-    """CSV with the columns of the first row logged (later new keys are ignored)."""
+    """CSV of logged rows; when a row brings new keys the file is rewritten with the union of columns."""
 
     def __init__(self, path: str | os.PathLike):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -57,16 +57,30 @@ class CSVWriter:
             with open(path, newline="", encoding="utf-8") as f:
                 self.fields = next(csv.reader(f), None)
         self.file = open(path, "a", newline="", encoding="utf-8")
-        self.writer = csv.DictWriter(self.file, fieldnames=self.fields, extrasaction="ignore") if self.fields else None
+        self.writer = (csv.DictWriter(self.file, fieldnames=self.fields, extrasaction="ignore", restval="")
+                       if self.fields else None)
 
     def __call__(self, step: int, row: dict) -> None:
         row = {"step": step, **row}
         if self.writer is None:
             self.fields = list(row)
-            self.writer = csv.DictWriter(self.file, fieldnames=self.fields, extrasaction="ignore")
+            self.writer = csv.DictWriter(self.file, fieldnames=self.fields, extrasaction="ignore", restval="")
             self.writer.writeheader()
+        elif any(k not in self.fields for k in row):
+            self._widen([k for k in row if k not in self.fields])
         self.writer.writerow(row)
         self.file.flush()
+
+    def _widen(self, new_keys: list[str]) -> None:
+        path = self.file.name
+        self.file.close()
+        with open(path, newline="", encoding="utf-8") as f:
+            old_rows = list(csv.DictReader(f))
+        self.fields = self.fields + new_keys
+        self.file = open(path, "w", newline="", encoding="utf-8")
+        self.writer = csv.DictWriter(self.file, fieldnames=self.fields, extrasaction="ignore", restval="")
+        self.writer.writeheader()
+        self.writer.writerows(old_rows)
 
     def close(self) -> None:
         self.file.close()

@@ -23,6 +23,8 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
+from mlo.errors import ConfigError as _MLOConfigError
+
 __all__ = ["ConfigError", "load_config", "config_to_dict", "save_config"]
 
 T = TypeVar("T")
@@ -32,7 +34,7 @@ _TRUE_WORDS = {"true", "yes", "on", "1"}
 _FALSE_WORDS = {"false", "no", "off", "0"}
 
 
-class ConfigError(ValueError):
+class ConfigError(_MLOConfigError):
     """An unknown key or an invalid value in a configuration; the message names the key."""
 
 

@@ -110,3 +110,32 @@ def test_non_finite_values_are_valid_json(tmp_path):
     w.close()
     row = json.loads(path.read_text())
     assert row == {"step": 1, "a/loss": "nan", "a/grad_norm": "inf", "a/x": 1.5}
+
+
+def test_csv_writer_widens_when_new_keys_appear(tmp_path):
+    import csv as _csv
+    import mlo as _mlo
+    path = tmp_path / "m.csv"
+    w = _mlo.CSVWriter(path)
+    w(1, {"a/loss": 1.0})
+    w(2, {"a/loss": 2.0, "b/loss": 3.0})
+    w.close()
+    rows = list(_csv.DictReader(open(path)))
+    assert list(rows[0]) == ["step", "a/loss", "b/loss"]
+    assert rows[0]["b/loss"] == "" and rows[1]["b/loss"] == "3.0" and rows[1]["a/loss"] == "2.0"
+
+
+def test_allow_unread_and_config_errors_share_a_base():
+    import torch as _torch
+    import mlo as _mlo
+    from applications.common import ConfigError as AppConfigError
+    assert issubclass(AppConfigError, _mlo.ConfigError)
+    a = _torch.zeros(1, requires_grad=True)
+    b = _torch.zeros(1, requires_grad=True)
+    pa = _mlo.Problem("a", a, lambda c, x: (c["a"] ** 2).sum(), lambda p: _torch.optim.SGD(p, lr=0.1))
+    pb = _mlo.Problem("b", b, lambda c, x: ((c["b"] - c["a"]) ** 2).sum(), lambda p: _torch.optim.SGD(p, lr=0.1),
+                      reads=["a"])
+    with __import__("pytest").raises(_mlo.GraphError, match="allow_unread"):
+        _mlo.Graph([pa, pb])
+    _mlo.Graph([pa, pb], allow_unread=["b"])
+    assert isinstance(_mlo.make_engine("cg", strict=False, iterations=3, eps=0.1), _mlo.CG)

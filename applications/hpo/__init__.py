@@ -1,0 +1,1 @@
+"""Per-feature weight-decay hyperparameters learned on validation loss (see docs/hpo.md)."""

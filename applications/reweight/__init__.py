@@ -1,0 +1,1 @@
+"""Meta-Weight-Net data reweighting on long-tailed, label-noised digits (see docs/reweight.md)."""
