@@ -20,7 +20,9 @@ class Runner:
     ``log_every`` steps (the only place metrics are read back from the device).
     ``checkpoint`` (a file path) is written atomically every ``checkpoint_every``
     steps, at the end, and when SIGINT/SIGTERM arrives (the current step is
-    finished first). ``Runner.resume`` continues from such a file.
+    finished first); an exception in the middle of a step writes nothing, so the
+    last checkpoint stays the last complete one. ``Runner.resume`` continues
+    from such a file.
     ``before_step(step)`` runs before every outer step (schedules, dropout rates) and
     may return names of problems that sit out that step.
     ``extra_state()`` adds application state to every checkpoint (under ``"extra"``).
@@ -84,8 +86,9 @@ class Runner:
                 previous[sig] = signal.signal(sig, on_signal)
             except ValueError:  # not in the main thread
                 pass
+        completed = False
         try:
-            while self.step < steps and not self.interrupted:
+            while self.step < steps and not self._should_stop():
                 skip = self.before_step(self.step) if self.before_step else None
                 metrics = self.stepper.step(skip=frozenset(skip or ()))
                 i = self.step
@@ -98,12 +101,18 @@ class Runner:
                         bar(i, row)
                 if self.checkpoint and self.checkpoint_every and i % self.checkpoint_every == 0:
                     self.save()
+            completed = True
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            if self.checkpoint and self.step > 0 and self._saved_at != self.step:
-                self.save()
+        # an exception mid-step (NonFiniteError, a crash) leaves a half-applied step: keep the last checkpoint
+        if completed and self.checkpoint and self.step > 0 and self._saved_at != self.step:
+            self.save()
         return self.last_row
+
+    def _should_stop(self) -> bool:
+        """Checked before every step; a distributed runner makes all processes agree."""
+        return self.interrupted
 
     def close(self) -> None:
         for cb in self.callbacks:

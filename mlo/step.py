@@ -50,7 +50,9 @@ class Stepper:
     host synchronisation at all).
     ``batch_fn(problem, k)`` overrides where batches come from (tests, checks).
     ``reduce_fn(problem, tree)`` post-processes each update direction (e.g. an
-    all-reduce for data parallelism).
+    all-reduce for data parallelism). With a ``reduce_fn`` and a NaN check, a
+    direction that fails the local check is replaced by NaN before the reduction,
+    so every process sees the failure and raises or skips at the same update.
     """
 
     def __init__(self, graph: Graph, nan_policy: str = "raise",
@@ -161,7 +163,12 @@ class Stepper:
         hyper = self._sweep(problem, plan, dict(adjoints), flags) if plan.sweep else None
         total = direct if hyper is None else {k: direct[k] + hyper[k] for k in direct}
         if self.reduce_fn is not None:
+            if self.nan_policy != "off":   # processes must agree: a local failure poisons the combined update
+                ok = torch.stack([f for _, _, f in flags]).all()
+                total = {k: torch.where(ok, v, v.new_full((), float("nan"))) for k, v in total.items()}
             total = self.reduce_fn(problem, total)
+            if self.nan_policy != "off":
+                flags.append(("update from another process", None, all_finite(total)))
         m = {"loss": objective.detach().reshape(()), "grad_norm": norm(direct)}
         if hyper is not None:
             m["hypergrad_norm"] = norm(hyper)

@@ -6,6 +6,7 @@ any work starts.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -14,6 +15,24 @@ from applications.common import ConfigError
 from .spaces import PDartsSchedule
 
 ENGINE_NAMES = ("first_order", "unrolled", "finite_difference", "neumann", "cg")
+
+
+def _need(ok: bool, key: str, what: str, value) -> None:
+    """Raise ``ConfigError("<key>: expected <what>, got <value>")`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{key}: expected {what}, got {value!r}")
+
+
+def _positive(key: str, value) -> None:
+    _need(math.isfinite(value) and value > 0, key, "a finite number > 0", value)
+
+
+def _nonnegative(key: str, value) -> None:
+    _need(math.isfinite(value) and value >= 0, key, "a finite number >= 0", value)
+
+
+def _at_least(key: str, value: int, low: int) -> None:
+    _need(value >= low, key, f"an integer >= {low}", value)
 
 
 @dataclass
@@ -28,8 +47,12 @@ class DataConfig:
     num_workers: int = 0
 
     def validate(self):
-        if self.batch_size < 1:
-            raise ConfigError(f"data.batch_size: expected an integer >= 1, got {self.batch_size}")
+        _at_least("data.batch_size", self.batch_size, 1)
+        _at_least("data.seed", self.seed, 0)
+        _at_least("data.num_workers", self.num_workers, 0)
+        if self.subset_fraction is not None:
+            _need(0 < self.subset_fraction <= 1, "data.subset_fraction", "a number in (0, 1] or null",
+                  self.subset_fraction)
         if self.name != "digits" and self.root is None:
             raise ConfigError(f"data.root: dataset {self.name!r} needs a data folder (--set data.root=DIR)")
 
@@ -48,6 +71,9 @@ class SpaceConfig:
         for f in ("C", "layers", "nodes", "stem_multiplier", "pc_k"):
             if getattr(self, f) < 1:
                 raise ConfigError(f"space.{f}: expected an integer >= 1, got {getattr(self, f)}")
+        if self.name == "pcdarts" and self.C % self.pc_k:
+            raise ConfigError(f"space.pc_k: PC-DARTS searches C // pc_k channels, so space.C={self.C} must be "
+                              f"divisible by space.pc_k={self.pc_k}")
 
 
 @dataclass
@@ -56,8 +82,7 @@ class AudienceConfig:
     width: float = 0.25                 # channel multiplier (1.0 = the paper's network)
 
     def validate(self):
-        if not self.width > 0:
-            raise ConfigError(f"audience.width: expected a positive number, got {self.width}")
+        _positive("audience.width", self.width)
 
 
 @dataclass
@@ -70,9 +95,14 @@ class OptimConfig:
     weight_decay: float = 3e-4
     grad_clip: Optional[float] = 5.0
 
-    def validate(self):
-        if not self.lr > 0:
-            raise ConfigError(f"lr: expected a positive number, got {self.lr}")
+    def check(self, section: str):
+        """Called by ``SearchConfig.validate`` with the section's name (weights / audience_optim)."""
+        _positive(f"{section}.lr", self.lr)
+        _nonnegative(f"{section}.lr_min", self.lr_min)
+        _nonnegative(f"{section}.momentum", self.momentum)
+        _nonnegative(f"{section}.weight_decay", self.weight_decay)
+        if self.grad_clip is not None:
+            _positive(f"{section}.grad_clip", self.grad_clip)
 
 
 @dataclass
@@ -83,6 +113,12 @@ class ArchOptimConfig:
     beta1: float = 0.5
     beta2: float = 0.999
     weight_decay: float = 1e-3
+
+    def validate(self):
+        _positive("arch.lr", self.lr)
+        for f in ("beta1", "beta2"):
+            _need(0 <= getattr(self, f) < 1, f"arch.{f}", "a number in [0, 1)", getattr(self, f))
+        _nonnegative("arch.weight_decay", self.weight_decay)
 
 
 @dataclass
@@ -96,10 +132,11 @@ class ExplainConfig:
     reweight: Literal["mul", "mul_abs", "mul_one_plus_abs"] = "mul"
 
     def validate(self):
-        if not self.lr > 0:
-            raise ConfigError(f"explain.lr: expected a positive number, got {self.lr}")
-        if self.pgd_steps < 1:
-            raise ConfigError(f"explain.pgd_steps: expected an integer >= 1, got {self.pgd_steps}")
+        _positive("explain.lr", self.lr)
+        _nonnegative("explain.init_scale", self.init_scale)
+        _at_least("explain.pgd_steps", self.pgd_steps, 1)
+        _positive("explain.pgd_step_size", self.pgd_step_size)
+        _positive("explain.pgd_eps", self.pgd_eps)
 
 
 @dataclass
@@ -111,9 +148,24 @@ class EngineConfig:
     alpha: Optional[float] = None       # neumann
     damping: float = 0.0                # cg
 
-    def validate(self):
+    def check(self, edge: str):
+        """Called by ``SearchConfig.validate`` with the edge's name (explainer / explanation / audience)."""
+        key = f"engines.{edge}"
         if self.name not in ENGINE_NAMES:
-            raise ConfigError(f"engine name: unknown engine {self.name!r}; choose one of {', '.join(ENGINE_NAMES)}")
+            raise ConfigError(f"{key}.name: unknown engine {self.name!r}; choose one of {', '.join(ENGINE_NAMES)}")
+        _positive(f"{key}.eps", self.eps)
+        _at_least(f"{key}.iterations", self.iterations, 1 if self.name == "cg" else 0)
+        if self.alpha is not None:
+            _positive(f"{key}.alpha", self.alpha)
+        _nonnegative(f"{key}.damping", self.damping)
+        # every LeaSE problem takes one optimizer step per outer step (PGD's explanation edge is first order)
+        _need(self.steps == 1, f"{key}.steps", "1 (each LeaSE problem takes one step per iteration, so "
+              "unrolled differentiates that one step)", self.steps)
+        import mlo
+        try:
+            self.build()
+        except mlo.MLOError as e:
+            raise ConfigError(f"{key}: {e}") from None
 
     def build(self):
         import mlo
@@ -145,8 +197,9 @@ class SearchConfig:
     audience_only: bool = False         # ablation: drop the explainer's own validation loss
     seed: int = 2
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    bf16: bool = False                  # autocast on CUDA
+    bf16: bool = False                  # bf16 autocast (CUDA; CPU where supported); engines stay fp32
     dtype: Literal["float32", "float64"] = "float32"
+    nan_policy: Literal["raise", "skip", "off"] = "raise"   # NaN/Inf in a loss or hypergradient: stop / skip it
     log_every: int = 5
     checkpoint_every: int = 50
     data: DataConfig = field(default_factory=DataConfig)
@@ -160,13 +213,22 @@ class SearchConfig:
     engines: EnginesConfig = field(default_factory=EnginesConfig)
 
     def validate(self):
-        if self.epochs < 1:
-            raise ConfigError(f"epochs: expected an integer >= 1, got {self.epochs}")
+        _at_least("epochs", self.epochs, 1)
+        if self.space.name != "pdarts":
+            _need(0 <= self.arch_start_epoch < self.epochs, "arch_start_epoch",
+                  f"an integer in [0, epochs={self.epochs}) (the architecture must get some steps)",
+                  self.arch_start_epoch)
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
             raise ConfigError(f"max_steps_per_epoch: expected an integer >= 1 or null, got {self.max_steps_per_epoch}")
-        if self.gamma < 0:
-            raise ConfigError(f"gamma: expected a number >= 0, got {self.gamma}")
+        _nonnegative("gamma", self.gamma)
+        _at_least("seed", self.seed, 0)
         if self.mode == "baseline" and self.audience_only:
             raise ConfigError("audience_only: the baseline mode has no audience")
-        if self.log_every < 1 or self.checkpoint_every < 1:
-            raise ConfigError("log_every and checkpoint_every: expected integers >= 1")
+        _at_least("log_every", self.log_every, 1)
+        _at_least("checkpoint_every", self.checkpoint_every, 1)
+        if self.bf16 and self.dtype != "float32":
+            raise ConfigError(f"bf16: autocast needs float32 parameters (the master values); got dtype={self.dtype}")
+        self.weights.check("weights")
+        self.audience_optim.check("audience_optim")
+        for edge in ("explainer", "explanation", "audience"):
+            getattr(self.engines, edge).check(edge)

@@ -514,19 +514,31 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, drop_last: bool = True,
-                num_workers: int = 0) -> DataLoader:
+                num_workers: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
     """A ``DataLoader`` whose shuffling is fixed by ``seed``.
 
-    ``drop_last`` is ignored when the dataset is smaller than one batch, so a tiny
-    split still yields a batch.
+    ``drop_last`` is ignored when the dataset (or this process's shard) is smaller
+    than one batch, so a tiny split still yields a batch.
+
+    With ``world_size > 1`` (data parallelism) the loader yields process ``rank``'s
+    shard (:class:`mlo.distributed.ShardedSampler`): every process draws the same
+    seeded permutation per epoch and keeps every ``world_size``-th example of it,
+    so the shards are disjoint and ``batch_size`` is the per-process batch.
     """
     generator = torch.Generator()
     generator.manual_seed(seed)
+    sampler, per_process = None, len(dataset)
+    if world_size > 1:
+        from mlo.distributed import ShardedSampler
+
+        sampler = ShardedSampler(len(dataset), rank=rank, world_size=world_size, shuffle=shuffle, generator=generator)
+        per_process = len(sampler)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
-        drop_last=drop_last and len(dataset) >= batch_size,
+        shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
+        drop_last=drop_last and per_process >= batch_size,
         num_workers=num_workers,
         generator=generator,
         worker_init_fn=_seed_worker if num_workers > 0 else None,

@@ -11,7 +11,6 @@ baseline mode (plain DARTS / PC-DARTS / P-DARTS) keeps only E and A.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mlo
+import mlo.precision
 
 from . import explain
 from .config import SearchConfig
@@ -60,28 +60,29 @@ def build_problems(cfg: SearchConfig, explainer: nn.Module, audience: nn.Module 
                    bank: torch.Tensor | None, loaders: Loaders, total_steps: int) -> list[mlo.Problem]:
     """The LeaSE problems (or the baseline's two) in execution order."""
     lease = cfg.mode == "lease"
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cfg.bf16 else contextlib.nullcontext
+    # bf16 autocast on the real steps (CUDA, or CPU); the engines' passes run on the fp32 master values
+    autocast = mlo.precision.Autocast(next(explainer.parameters()).device.type, enabled=cfg.bf16)
 
     def fp(t):  # losses in fp32 under bf16 autocast; otherwise the parameters' own precision
         return t.float() if cfg.bf16 else t
 
     def explainer_loss(ctx, batch):
         x, y, _ = batch
-        with autocast():
+        with autocast(ctx):
             logits = ctx.forward(explainer, x)
         return F.cross_entropy(fp(logits), y)
 
     def explanation_loss(ctx, batch):
         x, _, idx = batch
         delta = ctx["explanation"][idx]
-        with autocast():
+        with autocast(ctx):
             perturbed, clean = ctx.forward(explainer, x + delta), ctx.forward(explainer, x)
         return explain.explanation_loss(fp(perturbed), fp(clean))
 
     def audience_loss(ctx, batch):
         x, y, idx = batch
         inputs = explain.reweight(x, ctx["explanation"][idx], cfg.explain.reweight)
-        with autocast():
+        with autocast(ctx):
             logits = ctx.forward(audience, inputs)
         return F.cross_entropy(fp(logits), y)
 
@@ -91,12 +92,12 @@ def build_problems(cfg: SearchConfig, explainer: nn.Module, audience: nn.Module 
         if not cfg.audience_only:
             # first order (DARTS-1st style): this term does not differentiate E'(A), only A directly
             stop = ("explainer",) if cfg.explainer_val_order == "first" else ()
-            with autocast():
+            with autocast(ctx):
                 logits = fp(ctx.forward(explainer, x, constants=stop))
             total = total + F.cross_entropy(logits, y)
             ctx.log("explainer_val_acc", (logits.argmax(1) == y).float().mean())
         if lease:
-            with autocast():
+            with autocast(ctx):
                 logits_a = fp(ctx.forward(audience, x))
             loss_a = F.cross_entropy(logits_a, y)
             ctx.log("audience_val_loss", loss_a)

@@ -396,8 +396,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"model.genotype={args.genotype}")
     try:
         if args.resume:
-            if args.config:
-                raise ConfigError("--resume reuses the run's saved config.yaml; drop --config (use --set to change a value)")
+            if args.config or args.genotype:
+                raise ConfigError("--resume reuses the run's saved config.yaml and genotype; drop --config/--genotype "
+                                  "(use --set to change a training value)")
             if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
                 raise ConfigError("--resume writes to the run's own folder; drop --out")
             saved = os.path.join(args.resume, "config.yaml")

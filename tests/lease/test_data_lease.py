@@ -21,10 +21,10 @@ def _write_cifar(root, kind, per_batch=8, test=6, seed=0):
     """Tiny CIFAR python batches in the layout torchvision's download produces."""
     rng = np.random.default_rng(seed)
     if kind == "cifar10":
-        folder, batches, label_key, classes = "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "labels", 10
+        folder, batches, label_key = "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "labels"
         meta_name, meta = "batches.meta", {"label_names": [f"c{i}" for i in range(10)]}
     else:
-        folder, batches, label_key, classes = "cifar-100-python", ["train"], "fine_labels", 100
+        folder, batches, label_key = "cifar-100-python", ["train"], "fine_labels"
         meta_name, meta = "meta", {"fine_label_names": [f"f{i}" for i in range(100)], "coarse_label_names": [f"k{i}" for i in range(20)]}
     path = os.path.join(root, folder)
     os.makedirs(path)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "OPS",
+    "cpu_channels_last",
     "make_op",
     "Zero",
     "Identity",
@@ -26,6 +27,21 @@ __all__ = [
     "DilConv",
     "FactorizedReduce",
 ]
+
+
+def cpu_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """On the CPU, ``x`` in channels-last layout; elsewhere ``x`` unchanged.
+
+    oneDNN's CPU convolutions, above all the depthwise ones of these ops and their
+    weight gradients, run about 1.5x faster on channels-last activations, and the
+    layout then carries through BatchNorm, pooling, ``cat`` and elementwise ops.
+    Networks apply this once, to the stem output (a 1- or 3-channel image itself
+    has no distinct channels-last layout). The copy is differentiable, so
+    ``functional_call`` and higher-order gradients are unaffected.
+    """
+    if x.device.type == "cpu" and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 class Zero(nn.Module):

@@ -24,6 +24,10 @@ __all__ = ["PartialMixedOp", "PCDartsSupernet", "channel_shuffle", "edge_normali
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     """Interleave ``groups`` equal channel groups (ShuffleNet): ``[a0 a1 | b0 b1] -> [a0 b0 a1 b1]``."""
     n, c, h, w = x.shape
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        # shuffle in NHWC order so the result stays channels-last
+        y = x.permute(0, 2, 3, 1).reshape(n, h, w, groups, c // groups).transpose(3, 4).reshape(n, h, w, c)
+        return y.permute(0, 3, 1, 2)
     return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
 
 

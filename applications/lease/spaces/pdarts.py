@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .darts import DartsSupernet
 from .genotype import Genotype, derive_cell
@@ -116,7 +115,7 @@ class PDartsSchedule:
         if len(self.dropout) != len(self.cells) or any(not 0.0 <= p < 1.0 for p in self.dropout):
             raise ConfigError(f"pdarts.dropout needs one rate in [0, 1) per stage, got {self.dropout}")
         if self.epochs < 1 or not 0 <= self.warmup_epochs <= self.epochs:
-            raise ConfigError(f"pdarts: need epochs >= 1 and 0 <= warmup_epochs <= epochs, got {self.epochs}, {self.warmup_epochs}")
+            raise ConfigError(f"pdarts.epochs, pdarts.warmup_epochs: need epochs >= 1 and 0 <= warmup_epochs <= epochs, got {self.epochs}, {self.warmup_epochs}")
         if self.max_skip < 0:
             raise ConfigError(f"pdarts.max_skip must be >= 0, got {self.max_skip}")
 

@@ -1,0 +1,193 @@
+"""Crash safety: SIGKILL at random moments, damaged checkpoints, NaN/Inf policies, determinism.
+
+The LeaSE runs use the tiny digits config of tests/lease/test_lease_cli.py (4 steps, checkpoint
+every step), in this process (the reference runs) and in subprocesses (the killed run and its
+resume), all with one thread so they are bit-for-bit comparable.
+"""
+import contextlib
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import pytest
+import torch
+
+import mlo
+from applications.lease import search
+
+from . import toy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = ["--set", "epochs=1", "--set", "max_steps_per_epoch=4", "--set", "space.C=2", "--set", "space.nodes=2",
+        "--set", "space.layers=2", "--set", "audience.width=0.0625", "--set", "data.subset_fraction=0.25",
+        "--set", "data.batch_size=8", "--set", "log_every=1", "--set", "checkpoint_every=1", "--device", "cpu"]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _main(args):
+    """``search.main`` in this process with one thread and denormals flushed, as in a subprocess (the
+    flag is process-wide, so it is set here and cleared afterwards); returns (exit code, stderr)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            rc = search.main(args)
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_flush_denormal(False)
+    return rc, err.getvalue()
+
+
+def _params(path):
+    state = torch.load(path, weights_only=True)
+    return state["step"], {f"{p}/{k}": v for p, s in state["graph"]["problems"].items() for k, v in s["params"].items()}
+
+
+# --------------------------------------------------------------------------- atomic checkpoints
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_sigkill_at_a_random_moment_leaves_a_complete_checkpoint(tmp_path, trial):
+    ckpt = tmp_path / "c.pt"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "scale", "ckpt_writer.py"), str(ckpt)],
+                            cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not os.path.exists(str(ckpt) + ".prev") and time.time() < deadline:
+        time.sleep(0.005)
+    time.sleep(random.Random(trial).uniform(0.05, 0.6))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")      # a kill between the two renames falls back to .prev
+        state = mlo.load_checkpoint(ckpt)
+    step = state["step"]
+    w = state["graph"]["problems"]["p"]["params"][""]
+    assert step >= 1 and torch.equal(w, torch.full_like(w, 1 - step / 1024)), step
+    names = sorted(os.listdir(tmp_path))
+    assert {"c.pt.prev"} <= set(names) and len([n for n in names if not n.startswith(".tmp-")]) <= 2
+    if os.path.exists(ckpt):                  # the last two are kept: the newest and the one before
+        assert torch.load(str(ckpt) + ".prev", weights_only=True)["step"] == step - 1
+
+
+# --------------------------------------------------------------------------- non-finite values
+
+
+def test_nan_stops_with_a_diagnostic_and_keeps_the_last_complete_checkpoint(tmp_path):
+    graph = toy.build(4, nan=(0, 3, "architecture"))
+    seen = {}
+    ckpt = tmp_path / "c.pt"
+    runner = mlo.Runner(graph, progress=False, checkpoint=ckpt, checkpoint_every=1,
+                        callbacks=[lambda step, row: seen.__setitem__(step, toy.params(graph))])
+    with pytest.raises(mlo.NonFiniteError) as e:
+        runner.run(10)
+    assert (e.value.problem, e.value.edge, e.value.step) == ("architecture", None, 3)
+    assert "'architecture'" in str(e.value) and "step 3" in str(e.value)
+    step, saved = _params(ckpt)
+    assert step == 3                         # the step that failed half-way was not saved
+    for k, v in seen[3].items():
+        name, key = k.split("/", 1)
+        assert torch.equal(saved[f"{name}/{key}"], v), k
+
+
+def test_nan_skip_policy_counts_and_keeps_going():
+    graph = toy.build(4, nan=(0, 2, "audience"))
+    runner = mlo.Runner(graph, progress=False, nan_policy="skip")
+    runner.run(5)
+    assert dict(runner.stepper.skipped) == {"audience": 1}
+    assert all(torch.isfinite(v).all() for v in toy.params(graph).values())
+
+
+def test_search_stops_on_nan_with_exit_code_3_and_keeps_the_checkpoint(tmp_path):
+    out = str(tmp_path / "nan")
+    rc, err = _main([*TINY, "--set", "max_steps_per_epoch=6", "--set", "arch.lr=1e38", "--out", out])
+    assert rc == 3, err[-2000:]
+    assert "non-finite" in err and "problem '" in err and "outer step" in err
+    assert "last complete checkpoint" in err and "nan_policy: skip" in err and f"--resume {out}" in err
+    step, _ = _params(os.path.join(out, "checkpoint.pt"))
+    assert f"(step {step})" in err
+
+
+def test_search_skip_policy_is_a_config_option(tmp_path):
+    from applications.common import load_config
+    from applications.lease.config import SearchConfig
+    assert load_config(SearchConfig, None, ["nan_policy=skip"]).nan_policy == "skip"
+    rc, err = _main(["--set", "nan_policy=sometimes", "--out", str(tmp_path / "x")])
+    assert rc == 2 and "nan_policy" in err
+
+
+# --------------------------------------------------------------------------- the search: determinism, kill, damage
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    outs = []
+    for name in ("ref1", "ref2"):
+        out = str(tmp_path_factory.mktemp(name))
+        rc, err = _main([*TINY, "--out", out])
+        assert rc == 0, err[-3000:]
+        outs.append(out)
+    return outs
+
+
+def test_same_seed_on_cpu_gives_the_same_genotype_twice(reference):
+    a, b = reference
+    assert json.load(open(os.path.join(a, "genotype.json"))) == json.load(open(os.path.join(b, "genotype.json")))
+    (sa, pa), (sb, pb) = _params(os.path.join(a, "checkpoint.pt")), _params(os.path.join(b, "checkpoint.pt"))
+    assert sa == sb == 4
+    for k in pa:
+        assert torch.equal(pa[k], pb[k]), k
+
+
+def test_sigkill_then_damaged_checkpoint_resumes_from_the_previous_one(reference, tmp_path):
+    out = str(tmp_path / "killed")
+    proc = subprocess.Popen([sys.executable, "-m", "applications.lease.search", *TINY, "--out", out], cwd=ROOT,
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    prev = os.path.join(out, "checkpoint.pt.prev")
+    deadline = time.time() + 240
+    while not os.path.exists(prev) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    time.sleep(random.uniform(0.0, 0.5))
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    ckpt = os.path.join(out, "checkpoint.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert mlo.load_checkpoint(ckpt)["step"] >= 1      # whatever the moment, a complete checkpoint is there
+    if os.path.exists(ckpt):                                # damage the newest one
+        data = open(ckpt, "rb").read()
+        open(ckpt, "wb").write(data[: len(data) // 2])
+    # both damaged (in a copy): a one-line error before any training
+    broken = str(tmp_path / "broken")
+    shutil.copytree(out, broken)
+    open(os.path.join(broken, "checkpoint.pt.prev"), "wb").write(b"not a checkpoint")
+    open(os.path.join(broken, "checkpoint.pt"), "wb").write(b"")
+    rc, err = _main(["--resume", broken])
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and "no readable checkpoint" in err, err
+    # resume the damaged run: a clear message, then the same result as the uninterrupted runs
+    r = subprocess.run([sys.executable, "-m", "applications.lease.search", "--resume", out], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "cannot be read" in r.stderr and "previous checkpoint" in r.stderr
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
+    ref = reference[0]
+    assert json.load(open(os.path.join(out, "genotype.json"))) == json.load(open(os.path.join(ref, "genotype.json")))
+    (s1, p1), (s2, p2) = _params(ckpt), _params(os.path.join(ref, "checkpoint.pt"))
+    assert s1 == s2
+    for k in p1:
+        assert torch.equal(p1[k], p2[k]), k
+    steps = [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert steps == [1, 2, 3, 4]
