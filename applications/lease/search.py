@@ -378,14 +378,21 @@ def _before_step(cfg: SearchConfig, explainer, state: SearchState, steps_per_epo
 
 
 @torch.no_grad()
-def _accuracy(model, loader, env=None) -> float:
-    """Accuracy over the loader (over every process's shard when data parallel)."""
+def _accuracy(model, loader, env=None, batch_stats: bool = False) -> float:
+    """Accuracy over the loader (over every process's shard when data parallel).
+
+    ``batch_stats``: keep BatchNorm in training mode (batch statistics, buffers
+    restored afterwards). The supernet needs it: its running statistics also saw
+    the perturbed inputs of the explanation step, so they describe no single input
+    distribution; the search itself only ever uses batch statistics.
+    """
     was = model.training
-    model.eval()
+    model.train(batch_stats)
     correct = total = 0
-    for x, y, _ in loader:
-        correct += int((model(x).argmax(1) == y).sum())
-        total += len(y)
+    with mlo.preserve_buffers([model]):
+        for x, y, _ in loader:
+            correct += int((model(x).argmax(1) == y).sum())
+            total += len(y)
     model.train(was)
     if env is not None and env.distributed:
         correct, total = mlo.distributed.all_sum([correct, total])
@@ -397,7 +404,7 @@ def _finish(cfg, out, explainer, audience, bank, data, loaders, state, device, d
     """Genotype, pictures and the summary (every process evaluates its shard; rank 0 writes)."""
     genotype = final_genotype(explainer, cfg.pdarts.max_skip) if cfg.space.name == "pdarts" else explainer.genotype()
     result = {"mode": cfg.mode, "space": cfg.space.name, "dataset": cfg.data.name, "genotype": repr(genotype),
-              "explainer_val_acc": _accuracy(explainer, loaders.val, env), "search_seconds": round(seconds, 1),
+              "explainer_val_acc": _accuracy(explainer, loaders.val, env, batch_stats=True), "search_seconds": round(seconds, 1),
               "device": str(device), "world_size": env.world_size if env is not None else 1}
     if audience is not None:
         result["audience_val_acc"] = _accuracy(audience, loaders.val, env)
