@@ -1,0 +1,178 @@
+"""``python -m benchmarks.lease_step``: the cost of one LeaSE step over one DARTS-2nd step.
+
+Same supernet, same data, same engines (finite difference on every edge, as the
+paper), built by ``applications.lease.problems.build_problems``:
+
+* ``DARTS-2nd``: the baseline mode (explainer E and architecture A);
+* ``LeaSE-R18`` / ``LeaSE-R50``: the four LeaSE problems with a ResNet-18 /
+  ResNet-50 audience;
+* ``LeaSE-R18, Δ edge cut``: an ablation, not the paper's method: the explanation
+  edge first-order (what signed PGD steps or a detached δ do), so the audience's
+  validation loss no longer reaches A. It shows where the paper's cost ratio sits.
+
+The paper's search-cost table implies a LeaSE step costs 1.13–1.27× a DARTS-2nd
+step (1.7/1.5 and 1.9/1.5 GPU-days). Goal: ≤ 1.3×.
+
+The per-stage breakdown comes from a separate, instrumented run: each
+problem's optimizer step marks the end of its stage (explainer, explanation,
+audience, architecture), and every edge's VJP in the architecture's sweep is
+timed on its own, so the architecture stage splits into its direct gradient
+(the validation forward/backward that seeds the adjoints) and one VJP per edge.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from collections import defaultdict
+
+import torch
+
+import mlo
+
+from . import common, nas
+
+GOAL = 1.3
+VARIANTS = {"DARTS-2nd": ("baseline", "resnet18", {}), "LeaSE-R18": ("lease", "resnet18", {}),
+            "LeaSE-R50": ("lease", "resnet50", {}),
+            # ablation, not the paper's chain: the Δ' -> E' link cut (what signed PGD steps do)
+            "LeaSE-R18, Δ edge cut": ("lease", "resnet18", {"engines.explanation.name": "first_order"})}
+GOAL_VARIANTS = ("LeaSE-R18", "LeaSE-R50")
+STAGES = ("explainer", "explanation", "audience", "architecture")
+
+
+class TimedEngine(mlo.Engine):
+    """Delegates to ``inner`` and adds the wall time of every VJP to ``sink[label]``."""
+
+    def __init__(self, inner: mlo.Engine, label: str, sink: dict, device):
+        self.inner, self.label, self.sink, self.device = inner, label, sink, device
+
+    @property
+    def needs_records(self):  # type: ignore[override]
+        return self.inner.needs_records
+
+    def validate_for(self, problem, where: str) -> None:
+        self.inner.validate_for(problem, where)
+
+    def vjp(self, site, u, wrt):
+        common.sync(self.device)
+        t0 = time.perf_counter()
+        out = self.inner.vjp(site, u, wrt)
+        common.sync(self.device)
+        self.sink[self.label] += time.perf_counter() - t0
+        return out
+
+
+def build(variant: str, size: str, seed: int, device, timed: bool = False):
+    """``(step(), marks)``: with ``timed``, ``marks`` collects stage end times and edge VJP times."""
+    mode, audience, extra = VARIANTS[variant]
+    cfg = nas.config(size, mode=mode, audience=audience, **extra)
+    fx = nas.fixture(cfg, size, seed, device)
+    marks = {"ends": {}, "edges": defaultdict(float)}
+
+    def wrap(problems):
+        for p in problems:
+            p.optimizer.register_step_post_hook(
+                lambda opt, a, k, name=p.name: (common.sync(device), marks["ends"].__setitem__(name, time.perf_counter())))
+            if not isinstance(p.engine, mlo.FirstOrder) and p.name != "architecture":
+                reads = ",".join(p.reads)
+                p.engine = TimedEngine(p.engine, f"{p.name}->{reads}", marks["edges"], device)
+    step, _ = nas.mlo_step(fx, wrap=wrap if timed else None)
+    return step, marks
+
+
+def breakdown(variant: str, size: str, seed: int, device, reps: int, warmup: int) -> dict:
+    """Median seconds per stage (and per edge of the architecture's sweep)."""
+    step, marks = build(variant, size, seed, device, timed=True)
+    for _ in range(warmup):
+        step()
+    samples = defaultdict(list)
+    for _ in range(reps):
+        marks["ends"].clear()
+        marks["edges"].clear()
+        common.sync(device)
+        t0 = time.perf_counter()
+        step()
+        ends = marks["ends"]
+        prev = t0
+        for stage in STAGES:
+            if stage in ends:
+                samples[stage].append(ends[stage] - prev)
+                prev = ends[stage]
+        edges = dict(marks["edges"])
+        for label, sec in edges.items():
+            samples[f"edge {label}"].append(sec)
+        samples["architecture: direct + update"].append(samples["architecture"][-1] - sum(edges.values()))
+    return {k: common.summary(v)["median"] for k, v in samples.items()}
+
+
+def memory_child(variant: str, size: str, seed: int, device: str, warmup: int) -> int:
+    return common.step_peak(lambda: build(variant, size, seed, device)[0], device, warmup)
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    fns = {v: build(v, args.size, args.seed, device)[0] for v in VARIANTS}
+    times = common.time_interleaved(fns, args.reps, args.warmup, device)
+    mem = {}
+    if not args.no_memory and common.memory_supported(device):
+        for v in VARIANTS:
+            mem[v] = common.isolated("benchmarks.lease_step:memory_child", device, variant=v, size=args.size,
+                                     seed=args.seed, device=str(device), warmup=args.warmup)
+    rows, goals, stages = [], [], {}
+    for v in VARIANTS:
+        t = common.summary(times[v])
+        r = common.paired_ratio(times[v], times["DARTS-2nd"])
+        stages[v] = breakdown(v, args.size, args.seed, device, args.reps, args.warmup)
+        rows.append({"variant": v, "time_ms": common.ms(t["median"]), "time_iqr_ms": [common.ms(t["q25"]),
+                                                                                     common.ms(t["q75"])],
+                     "ratio_vs_darts": r["median"], "ratio_iqr": [r["q25"], r["q75"]],
+                     "peak_mib": common.mib(mem.get(v)),
+                     "memory_ratio_vs_darts": (mem[v] / mem["DARTS-2nd"]) if mem and mem["DARTS-2nd"] else None})
+        if v in GOAL_VARIANTS:
+            goals.append(common.goal(f"{v} step / DARTS-2nd step (time)", r["median"], GOAL))
+        print(f"  {v} done", file=sys.stderr)
+    return {"rows": rows, "stages_ms": {v: {k: common.ms(s) for k, s in st.items()} for v, st in stages.items()},
+            "goals": goals, "checks": [], "tolerances": {}, "paper_ratio_range": [1.13, 1.27]}
+
+
+def markdown(result: dict) -> str:
+    rows = [dict(r, iqr=f"{common.fmt(r['ratio_iqr'][0])}–{common.fmt(r['ratio_iqr'][1])}") for r in result["rows"]]
+    t = common.markdown_table(rows, [("variant", "step"), ("time_ms", "time (ms)"), ("ratio_vs_darts", "× DARTS-2nd"),
+                                     ("iqr", "ratio IQR"), ("peak_mib", "peak (MiB)"),
+                                     ("memory_ratio_vs_darts", "memory × DARTS-2nd")])
+    keys = []
+    for st in result["stages_ms"].values():
+        keys += [k for k in st if k not in keys]
+    stage_rows = [{"stage": k, **{v: st.get(k) for v, st in result["stages_ms"].items()}} for k in keys]
+    s = common.markdown_table(stage_rows, [("stage", "stage (ms, median; instrumented run)")]
+                              + [(v, v) for v in result["stages_ms"]])
+    return "\n\n".join([t, s, common.goals_markdown(result["goals"])])
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    variants = list(result["stages_ms"])
+    parts = ["explainer", "explanation", "audience", "architecture: direct + update"]
+    edge_keys = sorted({k for st in result["stages_ms"].values() for k in st if k.startswith("edge ")})
+    bottom = [0.0] * len(variants)
+    for key in parts + edge_keys:
+        vals = [result["stages_ms"][v].get(key, 0.0) for v in variants]
+        ax.bar(variants, vals, bottom=bottom, label=key)
+        bottom = [b + x for b, x in zip(bottom, vals)]
+    ax.set_ylabel("ms per step (instrumented run)")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = common.finish_args(common.parser("lease_step", __doc__.splitlines()[0], reps=5, warmup=1).parse_args(argv))
+    result = run(args)
+    common.write_outputs(args, result, markdown(result), lambda p: plot(result, p))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Smoke tests: every benchmark runs at ``--size tiny``, writes its files with the documented
+JSON schema, and its accuracy numbers are within their documented tolerances. No timing
+assertions: the numbers are only checked to be there and positive."""
+import json
+import math
+
+import pytest
+
+from benchmarks import common, hypergrad, lease_step, overhead, vs_betty
+
+TOP_KEYS = {"benchmark", "size", "device", "reps", "warmup", "machine", "timing", "memory_method", "rows", "checks",
+            "goals", "tolerances"}
+GOAL_KEYS = {"name", "value", "target", "direction", "met"}
+CHECK_KEYS = {"name", "value", "tolerance", "ok"}
+
+
+def _run(module, tmp_path, *extra):
+    name = module.__name__.rsplit(".", 1)[-1]
+    out = tmp_path / name
+    assert module.main(["--size", "tiny", "--reps", "1", "--warmup", "0", "--out", str(out), *extra]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["benchmark"] == name and result["size"] == "tiny" and result["device"] == "cpu"
+    assert (out / "table.md").read_text().strip()
+    return out, result
+
+
+def _check_schema(result, row_keys, with_plot_dir=None):
+    assert TOP_KEYS <= set(result)
+    assert result["rows"], "no measurements"
+    for row in result["rows"]:
+        assert row_keys <= set(row), row_keys - set(row)
+    for g in result["goals"]:
+        assert set(g) == GOAL_KEYS and g["met"] in (True, False, None)
+    for c in result["checks"]:
+        assert set(c) == CHECK_KEYS
+        assert c["ok"], f"{c['name']}: {c['value']} > {c['tolerance']}"
+    if with_plot_dir is not None:
+        assert (with_plot_dir / "plot.png").stat().st_size > 1000
+
+
+def _positive(x):
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_statistics_helpers():
+    assert common.quantiles([3.0, 1.0, 2.0, 4.0]) == (1.75, 2.5, 3.25)
+    assert common.paired_ratio([2.0, 4.0, 9.0], [1.0, 2.0, 3.0])["median"] == 2.0
+    assert common.goal("g", 1.2, 1.05)["met"] is False and common.goal("g", None, 1.0)["met"] is None
+
+
+def test_hypergrad(tmp_path):
+    out, r = _run(hypergrad, tmp_path, "--no-memory")
+    _check_schema(r, {"case", "engine", "k", "label", "rel_error", "time_ms", "time_q25_ms", "time_q75_ms",
+                      "peak_mib"}, out)
+    assert set(r["cases"]) == {"ridge", "quad-k10", "quad-k100", "quad-k1000", "logistic", "chain"}
+    for case in r["cases"]:
+        families = {row["engine"] for row in r["rows"] if row["case"] == case}
+        assert families == {"first_order", "unrolled", "finite_difference", "neumann", "cg"}
+    assert all(_positive(row["time_ms"]) for row in r["rows"])
+    by = {(row["case"], row["label"]): row["rel_error"] for row in r["rows"]}
+    assert by[("chain", "one-step")] <= hypergrad.TOL["chain_unrolled_exact"]
+    assert by[("ridge", "first-order")] == pytest.approx(1.0)        # ridge: the hypergradient is all "hyper"
+    assert len(r["checks"]) >= 10
+    assert [row["eps"] for row in r["supernet_fd"]] == list(hypergrad.SUPERNET_EPS)
+
+
+def test_overhead_with_memory(tmp_path):
+    out, r = _run(overhead, tmp_path)
+    _check_schema(r, {"step", "mlo_ms", "plain_ms", "time_ratio", "time_ratio_iqr", "plain_recompute_ms",
+                      "time_ratio_vs_recompute", "mlo_peak_mib", "plain_peak_mib", "memory_ratio",
+                      "float64_max_rel_diff"}, out)
+    assert [row["mode"] for row in r["rows"]] == ["baseline", "lease"]
+    assert len(r["goals"]) == 4 and len(r["checks"]) == 4
+    for row in r["rows"]:
+        assert _positive(row["time_ratio"])
+        assert row["float64_max_rel_diff"] <= overhead.TOL["float64_max_rel_diff"]
+        if common.memory_supported("cpu"):
+            assert _positive(row["mlo_peak_mib"]) and _positive(row["plain_peak_mib"])
+    assert r["memory_method"] == common.MEMORY_METHOD_CPU
+    assert r["profile_mlo"]["DARTS-2nd"]
+
+
+def test_vs_betty(tmp_path):
+    out, r = _run(vs_betty, tmp_path, "--no-memory")
+    if not vs_betty.betty_available():
+        assert vs_betty.INSTALL in r["skipped"] and r["rows"] == []
+        pytest.skip("Betty is not installed; the benchmark wrote its skip message")
+    _check_schema(r, {"case", "engines", "mlo_ms", "betty_ms", "time_ratio", "time_ratio_iqr", "memory_ratio"}, out)
+    assert {row["case"] for row in r["rows"]} == {"hpo", "darts", "chain"}
+    assert len(r["rows"]) == 9
+    same = [a for a in r["agreement"] if a["same_definition"]]
+    assert len(same) == 8           # darts (small R), neumann for each case; CG K=1 on the two bilevel cases
+    for a in same:
+        assert a["rel_diff"] <= a["tolerance"], a
+
+
+def test_lease_step(tmp_path):
+    out, r = _run(lease_step, tmp_path, "--no-memory")
+    _check_schema(r, {"variant", "time_ms", "ratio_vs_darts", "ratio_iqr", "peak_mib"}, out)
+    assert [row["variant"] for row in r["rows"]] == list(lease_step.VARIANTS)
+    assert r["rows"][0]["ratio_vs_darts"] == pytest.approx(1.0)
+    stages = r["stages_ms"]["LeaSE-R18"]
+    for key in ("explainer", "explanation", "audience", "architecture", "architecture: direct + update"):
+        assert _positive(stages[key]), key
+    assert sum(1 for k in stages if k.startswith("edge ")) == 3
+    assert {k for k in r["stages_ms"]["DARTS-2nd"] if k.startswith("edge ")} == {"edge explainer->architecture"}
+    assert len(r["goals"]) == 2
