@@ -104,7 +104,8 @@ class Stepper:
                     params = clone(problem.params_tree) if keep else None
                     snap = (updates.snapshot(problem.optimizer, problem.params_tree, problem.grad_clip)
                             if keep else None)
-                    records.append(StepRecord(params, batch, state, snap))
+                    grad = {k: v.detach() for k, v in direction.items()} if keep else None
+                    records.append(StepRecord(params, batch, state, snap, grad))
                     del records[:-max(keep, 1)]
                 lr = float(problem.optimizer.param_groups[0]["lr"])
                 self._apply(problem, direction, m)

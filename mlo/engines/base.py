@@ -27,6 +27,7 @@ class StepRecord:
     batch: Any
     rng: Any                         # RNG state at the step (replayed so dropout masks match)
     snapshot: updates.Snapshot | None
+    grad: Tree | None = None         # the update direction the step used (before clipping), if kept
 
 
 @dataclass

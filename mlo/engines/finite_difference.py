@@ -55,6 +55,8 @@ def _update_vjp(site: Site, rec, w: Tree, u: Tree) -> Tree:
     """``(∂U/∂g)ᵀ u``: how the step turns a gradient change into a parameter change."""
     if rec.snapshot.linear_in_grad:
         g0 = {k: torch.zeros_like(t) for k, t in w.items()}
+    elif rec.grad is not None:      # the direction the real step used: no recomputation
+        g0 = rec.grad
     else:
         wl = {k: t.detach().requires_grad_(True) for k, t in w.items()}
         g0 = grads(site.loss(wl, site.bind([]), rec), wl)
