@@ -160,7 +160,8 @@ class Stepper:
                 direct[k] = g
             else:
                 adjoints[r][k] = g
-        flags = [("objective", None, torch.isfinite(loss)), ("gradient", None, all_finite(direct))]
+        check = self.nan_policy != "off"
+        flags = [("objective", None, torch.isfinite(loss)), ("gradient", None, all_finite(direct))] if check else []
         hyper = self._sweep(problem, plan, dict(adjoints), flags) if plan.sweep else None
         total = direct if hyper is None else {k: direct[k] + hyper[k] for k in direct}
         if self.reduce_fn is not None:
@@ -193,7 +194,8 @@ class Stepper:
                     self.vjp_calls[f"{s.problem}->{','.join(reads)}"] += 1
                     out = eng.vjp(site, u, reads)
                     for r, contrib in out.items():
-                        flags.append((f"hypergradient", f"{s.problem}->{r}", all_finite(contrib)))
+                        if self.nan_policy != "off":
+                            flags.append(("hypergradient", f"{s.problem}->{r}", all_finite(contrib)))
                         if r == problem.name:
                             hyper = add_(hyper, contrib)
                         else:
