@@ -85,6 +85,7 @@ def finish_args(args: argparse.Namespace) -> argparse.Namespace:
         args.out = os.path.join("runs", f"bench-{args.bench_name}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda was requested but no CUDA device is available")
+    args.git_commit = _git_commit()   # the code the run starts with
     gc.freeze()   # the imported modules' objects: keeps every later gc.collect() short
     if args.device == "cpu":
         tune_cpu()
@@ -238,10 +239,11 @@ class MemoryProbe:
 
 
 def step_peak(build: Callable[[], Callable[[], Any]], device, warmup: int = 2) -> int:
-    """Build a step function, warm it up, and return the peak extra bytes of one more call."""
+    """Build a step function (models, data, optimizers), take the baseline, warm it up, and return
+    the peak extra bytes of one more call over that baseline."""
     probe = MemoryProbe(device)
-    probe.start()
     step = build()
+    probe.start()
     for _ in range(warmup):
         step()
     probe.arm()
@@ -263,7 +265,7 @@ def _forkserver():
     if _FORKSERVER is None:
         ctx = mp.get_context("forkserver")
         # what the first optimizer imports (torch._dynamo, ~150 MiB, seconds) is loaded once, in the server
-        ctx.set_forkserver_preload(["benchmarks.common", "torch", "torch._dynamo", "torch.func", "mlo", "benchmarks.common",
+        ctx.set_forkserver_preload(["benchmarks.common", "torch", "torch._dynamo", "torch.func", "mlo",
                                     "sklearn.datasets", "applications.lease.problems"])
         _FORKSERVER = ctx
     return _FORKSERVER
@@ -353,7 +355,22 @@ def machine(device) -> dict:
             info["cpu_model"] = names[0]
     if torch.device(device).type == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
+    info["git_commit"] = _git_commit()
     return info
+
+
+def _git_commit() -> str | None:
+    """The checkout's commit (``+dirty`` with uncommitted changes under mlo/, applications/, benchmarks/)."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "mlo", "applications", "benchmarks"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")
 
 
 def digits(seed: int = 0, dtype=torch.float64) -> dict[str, torch.Tensor]:
@@ -463,7 +480,7 @@ def write_outputs(args, result: dict, markdown: str, plot: Callable[[str], None]
     result = dict(result)
     result.setdefault("benchmark", args.bench_name)
     result.update(size=args.size, device=args.device, reps=args.reps, warmup=args.warmup,
-                  machine=machine(args.device),
+                  machine=dict(machine(args.device), git_commit_at_start=getattr(args, "git_commit", None)),
                   timing="median and IQR (25th-75th percentile) of interleaved repetitions; ratios are "
                          "medians of per-repetition paired ratios",
                   memory_method=memory_method(args.device) if not args.no_memory else None)

@@ -200,10 +200,14 @@ VARIANTS = ("mlo", "plain", "plain+recompute")
 BANK_CASE = "tiny@paper"   # tiny models on CIFAR-shaped data: the explanation bank has 25,000 rows of 3×32×32
 
 
-def build(variant: str, mode: str, size: str, seed: int, device, dtype=torch.float32):
-    """``(step(), fixture)`` for ``variant`` in ``VARIANTS``; ``size`` may be ``"models@data"``."""
+ACTIVE_CLIP = {"weights.grad_clip": 0.01, "audience_optim.grad_clip": 0.01}   # every step clipped
+
+
+def build(variant: str, mode: str, size: str, seed: int, device, dtype=torch.float32, **extra):
+    """``(step(), fixture)`` for ``variant`` in ``VARIANTS``; ``size`` may be ``"models@data"``;
+    ``extra`` overrides config keys."""
     models, _, data = size.partition("@")
-    cfg = nas.config(models, mode=mode, dtype="float64" if dtype == torch.float64 else "float32")
+    cfg = nas.config(models, mode=mode, dtype="float64" if dtype == torch.float64 else "float32", **extra)
     fx = nas.fixture(cfg, data or models, seed, device, dtype)
     if variant == "mlo":
         return nas.mlo_step(fx)[0], fx
@@ -219,11 +223,12 @@ def params_of(fx: nas.Fixture) -> dict:
     return out
 
 
-def max_rel_diff(mode: str, size: str, seed: int, device, dtype, steps: int = 2, variant: str = "plain") -> float:
+def max_rel_diff(mode: str, size: str, seed: int, device, dtype, steps: int = 2, variant: str = "plain",
+                 **extra) -> float:
     """Largest relative difference of any parameter tensor after ``steps`` steps of mlo and ``variant``."""
     worst = 0.0
-    step_m, fm = build("mlo", mode, size, seed, device, dtype)
-    step_p, fp = build(variant, mode, size, seed, device, dtype)
+    step_m, fm = build("mlo", mode, size, seed, device, dtype, **extra)
+    step_p, fp = build(variant, mode, size, seed, device, dtype, **extra)
     for _ in range(steps):
         step_m()
         step_p()
@@ -275,6 +280,11 @@ def run(args) -> dict:
     cases = [("baseline", "DARTS-2nd", args.size, True), ("lease", "LeaSE (ResNet-18)", args.size, True)]
     if args.size == "small":   # a diagnostic: what a CIFAR-sized explanation bank costs
         cases.append(("lease", "LeaSE, tiny models, CIFAR-sized bank", BANK_CASE, False))
+    for mode, label in (("baseline", "DARTS-2nd"), ("lease", "LeaSE")):
+        # the clip's Jacobian in the update VJP, exercised on every step (tiny models, any --size)
+        checks.append(common.check(f"{label}, clip active (grad_clip=0.01, tiny): mlo vs plain, float64",
+                                   max_rel_diff(mode, "tiny", args.seed, device, torch.float64, **ACTIVE_CLIP),
+                                   TOL["float64_max_rel_diff"]))
     for mode, label, size, full in cases:
         diff64 = diff32 = None
         if full:

@@ -104,7 +104,7 @@ class Stepper:
                     params = clone(problem.params_tree) if keep else None
                     snap = (updates.snapshot(problem.optimizer, problem.params_tree, problem.grad_clip)
                             if keep else None)
-                    grad = {k: v.detach() for k, v in direction.items()} if keep else None
+                    grad = clone(direction) if keep else None   # clipping below works in place
                     records.append(StepRecord(params, batch, state, snap, grad))
                     del records[:-max(keep, 1)]
                 lr = float(problem.optimizer.param_groups[0]["lr"])
