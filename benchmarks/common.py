@@ -266,7 +266,7 @@ def _forkserver():
         ctx = mp.get_context("forkserver")
         # what the first optimizer imports (torch._dynamo, ~150 MiB, seconds) is loaded once, in the server
         ctx.set_forkserver_preload(["benchmarks.common", "torch", "torch._dynamo", "torch.func", "mlo",
-                                    "sklearn.datasets", "applications.lease.problems"])
+                                    "applications.lease.problems"])
         _FORKSERVER = ctx
     return _FORKSERVER
 
@@ -448,12 +448,24 @@ def mib(nbytes: float | None) -> float | None:
     return None if nbytes is None else nbytes / 2**20
 
 
-def goal(name: str, value: float | None, target: float, direction: str = "<=") -> dict:
+def goal(name: str, value: float | None, target: float, direction: str = "<=", note: str | None = None) -> dict:
     """A stated goal: ``value <= target`` (or ``>=``); ``met`` is None when not measured."""
     met = None
     if value is not None and math.isfinite(value):
         met = value <= target if direction == "<=" else value >= target
-    return {"name": name, "value": value, "target": target, "direction": direction, "met": met}
+    return {"name": name, "value": value, "target": target, "direction": direction, "met": met, "note": note}
+
+
+MEMORY_FLOOR = 2**20   # below 1 MiB on both sides, a CPU peak-RSS ratio is noise
+
+
+def memory_ratio(num: int | None, den: int | None, device="cpu") -> tuple[float | None, str | None]:
+    """``(num / den, None)``, or ``(None, why)`` when it cannot be measured meaningfully."""
+    if num is None or den is None:
+        return None, "not measured"
+    if torch.device(device).type != "cuda" and max(num, den) < MEMORY_FLOOR:
+        return None, "both under 1 MiB: below the resolution of peak RSS"
+    return (num / den if den > 0 else None), None
 
 
 def check(name: str, value: float, tolerance: float) -> dict:
@@ -501,6 +513,8 @@ def goals_markdown(goals: Sequence[dict]) -> str:
     rows = []
     for g in goals:
         verdict = {True: "met", False: "missed", None: "not measured"}[g["met"]]
+        if g.get("note") and g["met"] is None:
+            verdict += f" ({g['note']})"
         rows.append({"goal": g["name"], "value": g["value"], "target": f"{g['direction']} {g['target']}",
                      "verdict": verdict})
     return markdown_table(rows, [("goal", "goal"), ("value", "measured"), ("target", "target"),

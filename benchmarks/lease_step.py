@@ -127,7 +127,7 @@ def run(args) -> dict:
                                                                                      common.ms(t["q75"])],
                      "ratio_vs_darts": r["median"], "ratio_iqr": [r["q25"], r["q75"]],
                      "peak_mib": common.mib(mem.get(v)),
-                     "memory_ratio_vs_darts": (mem[v] / mem["DARTS-2nd"]) if mem and mem["DARTS-2nd"] else None})
+                     "memory_ratio_vs_darts": common.memory_ratio(mem.get(v), mem.get("DARTS-2nd"), device)[0]})
         if v in GOAL_VARIANTS:
             goals.append(common.goal(f"{v} step / DARTS-2nd step (time)", r["median"], GOAL))
         print(f"  {v} done", file=sys.stderr)

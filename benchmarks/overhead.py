@@ -293,9 +293,10 @@ def run(args) -> dict:
             diff32 = None if size == "tiny" else max_rel_diff(mode, size, args.seed, device, torch.float32)
             checks.append(common.check(f"{label}: mlo vs plain, float64, 2 steps (max rel. diff)", diff64,
                                        TOL["float64_max_rel_diff"]))
-            checks.append(common.check(f"{label}: mlo vs plain+recompute, float64, 2 steps (max rel. diff)",
-                                       max_rel_diff(mode, size, args.seed, device, torch.float64,
-                                                    variant="plain+recompute"), TOL["float64_max_rel_diff"]))
+            if size != "tiny":   # (the tests run tiny: keep them short)
+                checks.append(common.check(f"{label}: mlo vs plain+recompute, float64, 2 steps (max rel. diff)",
+                                           max_rel_diff(mode, size, args.seed, device, torch.float64,
+                                                        variant="plain+recompute"), TOL["float64_max_rel_diff"]))
         fns = {v: build(v, mode, size, args.seed, device)[0] for v in VARIANTS}
         times = common.time_interleaved(fns, args.reps, args.warmup, device)
         del fns
@@ -306,7 +307,7 @@ def run(args) -> dict:
             for v in ("mlo", "plain"):
                 mem[v] = common.isolated("benchmarks.overhead:memory_child", device, variant=v, mode=mode,
                                          size=size, seed=args.seed, device=str(device), warmup=args.warmup)
-        mem_ratio = mem["mlo"] / mem["plain"] if mem and mem["plain"] > 0 else None
+        mem_ratio, mem_note = common.memory_ratio(mem.get("mlo"), mem.get("plain"), device)
         tm, tp = common.summary(times["mlo"]), common.summary(times["plain"])
         rows.append({"step": label, "mode": mode, "size": size, "mlo_ms": common.ms(tm["median"]),
                      "mlo_iqr_ms": [common.ms(tm["q25"]), common.ms(tm["q75"])],
@@ -319,9 +320,10 @@ def run(args) -> dict:
                      "memory_ratio": mem_ratio, "float64_max_rel_diff": diff64, "float32_max_rel_diff": diff32})
         if full:
             goals.append(common.goal(f"{label}: time mlo / plain", ratio["median"], GOAL))
-            goals.append(common.goal(f"{label}: peak memory mlo / plain", mem_ratio, GOAL))
+            goals.append(common.goal(f"{label}: peak memory mlo / plain", mem_ratio, GOAL, note=mem_note))
             profiles[label] = profile_mlo(mode, size, args.seed, device)
-            diffs[label] = op_diff(mode, size, args.seed, device)
+            if size != "tiny":
+                diffs[label] = op_diff(mode, size, args.seed, device)
         print(f"  {label} done", file=sys.stderr)
     return {"rows": rows, "checks": checks, "goals": goals, "tolerances": TOL, "profile_mlo": profiles,
             "extra_ops": diffs}

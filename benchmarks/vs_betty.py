@@ -417,7 +417,7 @@ def run(args) -> dict:
                     mem[fw] = common.isolated("benchmarks.vs_betty:memory_child", device, case_name=name, framework=fw,
                                               kind=pair.kind, k=pair.k, alpha=pair.alpha, size=args.size,
                                               seed=args.seed, device=str(device), warmup=args.warmup)
-            mem_ratio = mem["mlo"] / mem["betty"] if mem and mem["betty"] > 0 else None
+            mem_ratio, mem_note = common.memory_ratio(mem.get("mlo"), mem.get("betty"), device)
             tm, tb = common.summary(times["mlo"]), common.summary(times["betty"])
             rows.append({"case": name, "engines": pair.label, "mlo_ms": common.ms(tm["median"]),
                          "betty_ms": common.ms(tb["median"]), "time_ratio": ratio["median"],
@@ -428,7 +428,8 @@ def run(args) -> dict:
             t_goal, m_goal = GOALS[name]
             goals.append(common.goal(f"{name}, {pair.label}: time mlo / Betty", ratio["median"], t_goal))
             if m_goal is not None:
-                goals.append(common.goal(f"{name}, {pair.label}: peak memory mlo / Betty", mem_ratio, m_goal))
+                goals.append(common.goal(f"{name}, {pair.label}: peak memory mlo / Betty", mem_ratio, m_goal,
+                                         note=mem_note))
         print(f"  {name} done", file=sys.stderr)
     return {"rows": rows, "agreement": agree, "checks": checks, "goals": goals, "tolerances": TOL,
             "profile_mlo": profiles}
