@@ -12,17 +12,17 @@ The same DARTS second-order step and the same LeaSE step, written twice:
   at the pre-update point, with ``v = (∂U/∂g)ᵀu`` the VJP of the real update
   (for clipped SGD ``−η(c·u − (g_c·u)/(clip·‖g‖)·g_c)`` from the step's own
   clipped gradient ``g_c``); LeaSE adds the explanation ascent, the audience
-  step and the sweep audience → explanation → explainer → A.
+  step and the sweep audience → explanation → explainer → A. In the
+  explanation edge the clean pass ``f(x; E')`` is the same at both
+  finite-difference points; the hand-written step runs it once and
+  backpropagates its summed cotangent once, as mlo's ``SharedCalls`` does.
 
 Both run from identical models and batches; after two steps in float64 every
 parameter must agree (``TOL``). Time (float32) and peak memory are reported as
 the ratio mlo / plain, measured in one run. Goal: ≤ 1.05 in time and memory.
 
-Attribution: a third variant, ``plain+recompute``, is the hand-written step
-that, like mlo, re-evaluates ∇ℓ(w) at the pre-update point to get the clip's
-Jacobian; ``mlo / (plain+recompute)`` is what the framework costs beyond that.
-A cProfile of mlo's step and a torch.profiler count of the aten ops mlo runs
-beyond ``plain+recompute`` say where the rest goes. At ``--size small`` a
+Attribution: a cProfile of mlo's step and a torch.profiler count of the aten
+ops mlo runs beyond the hand-written step say where the difference goes. At ``--size small`` a
 diagnostic row runs tiny models on CIFAR-shaped data, whose explanation bank
 (25,000 × 3×32×32) is as large as the paper's.
 """
@@ -50,9 +50,8 @@ def _grad(loss, inputs):
 class PlainStep:
     """One DARTS-2nd (``cfg.mode == "baseline"``) or LeaSE step, hand-written on plain PyTorch."""
 
-    def __init__(self, fx: nas.Fixture, recompute: bool = False):
+    def __init__(self, fx: nas.Fixture):
         cfg = self.cfg = fx.cfg
-        self.recompute = recompute   # re-run ∇ℓ(w) for a clipped update's VJP, as mlo does
         self.lease = cfg.mode == "lease"
         self.f, self.g, self.bank = fx.explainer, fx.audience, fx.bank
         self.E = [p for _, p in fx.explainer.named_weight_parameters()]
@@ -98,22 +97,6 @@ class PlainStep:
     def _scale(v, eps):
         n = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in v]))
         return eps / torch.clamp(n, min=torch.finfo(n.dtype).tiny)
-
-    def _regrad(self, params, w0, loss_fn, total_clipped, clip):
-        """mlo's way to get the clip's Jacobian: the gradient at the pre-update point, recomputed."""
-        if clip is None:
-            return None, total_clipped
-        live = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p, a in zip(params, w0):
-                p.copy_(a)
-        g0 = list(_grad(loss_fn(), params))
-        with torch.no_grad():
-            for p, t in zip(params, live):
-                p.copy_(t)
-        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in g0]))
-        coef = torch.clamp(clip / (total + 1e-6), max=1.0)
-        return [t * coef for t in g0], total
 
     def _fd_params(self, params, w0, v, eps, loss_fn, wrt):
         """DARTS' central difference: perturb ``params`` in place to ``w0 ± ε v``, restore after."""
@@ -167,24 +150,26 @@ class PlainStep:
         if self.lease:
             uW = grads[nA + nE:]
             # audience edge: adjoint at Δ' (the batch's rows)
-            if self.recompute:
-                gW, tot_W = self._regrad(self.W, W0, lambda: F.cross_entropy(g(explain.reweight(xa, D1, kind)), ya),
-                                         tot_W, clip_W)
             vW = self._update_vjp(uW, gW, lr_W, tot_W, clip_W)
             d1 = D1.detach().requires_grad_()
             (uD,) = self._fd_params(self.W, W0, vW, cfg.engines.audience.eps,
                                     lambda: F.cross_entropy(g(explain.reweight(xa, d1, kind)), ya), [d1])
-            # explanation edge: adjoint at E' (the bank is an input, perturbed out of place)
+            # explanation edge: adjoint at E' (the bank is an input, perturbed out of place);
+            # the clean pass f(x; E') is the same at both points: run once, backpropagated once
             vD = -lr_D * uD
             scale = self._scale([vD], cfg.engines.explanation.eps)
-            out = []
+            clean = f(xa)
+            cut = clean.detach().requires_grad_()
+            out, cot = [], []
             for sgn in (1.0, -1.0):
                 dp = D0 + (sgn * scale) * vD
-                out.append(_grad(-explain.explanation_loss(f(xa + dp), f(xa)), self.E))
-            uE = [u + (a - b) / (2 * scale) for u, a, b in zip(uE, *out)]
+                *gE_s, gc = _grad(-explain.explanation_loss(f(xa + dp), cut), self.E + [cut])
+                out.append(gE_s)
+                cot.append(gc)
+            through = torch.autograd.grad(clean, self.E, grad_outputs=cot[0] - cot[1], allow_unused=True,
+                                          materialize_grads=True)
+            uE = [u + (a - b + t) / (2 * scale) for u, a, b, t in zip(uE, *out, through)]
         # explainer edge: A's hypergradient, mixed product at the pre-update point E
-        if self.recompute:
-            gE, tot_E = self._regrad(self.E, E0, lambda: F.cross_entropy(f(xe), ye), tot_E, clip_E)
         vE = self._update_vjp(uE, gE, lr_E, tot_E, clip_E)
         hA = self._fd_params(self.E, E0, vE, cfg.engines.explainer.eps, lambda: F.cross_entropy(f(xe), ye), self.A)
         for p, a, b in zip(self.A, gA, hA):
@@ -194,7 +179,7 @@ class PlainStep:
 
 
 # ----------------------------------------------------------------------------- variants
-VARIANTS = ("mlo", "plain", "plain+recompute")
+VARIANTS = ("mlo", "plain")
 
 
 BANK_CASE = "tiny@paper"   # tiny models on CIFAR-shaped data: the explanation bank has 25,000 rows of 3×32×32
@@ -211,7 +196,7 @@ def build(variant: str, mode: str, size: str, seed: int, device, dtype=torch.flo
     fx = nas.fixture(cfg, data or models, seed, device, dtype)
     if variant == "mlo":
         return nas.mlo_step(fx)[0], fx
-    return PlainStep(fx, recompute=variant == "plain+recompute").step, fx
+    return PlainStep(fx).step, fx
 
 
 def params_of(fx: nas.Fixture) -> dict:
@@ -262,10 +247,9 @@ def op_counts(variant: str, mode: str, size: str, seed: int, device) -> dict:
 
 
 def op_diff(mode: str, size: str, seed: int, device, top: int = 12) -> list[dict]:
-    """The ops mlo runs more often than the hand-written step that also recomputes ∇ℓ(w)
-    (call counts are exact; times are noisy)."""
+    """The ops mlo runs more often than the hand-written step (call counts are exact; times are noisy)."""
     m = op_counts("mlo", mode, size, seed, device)
-    p = op_counts("plain+recompute", mode, size, seed, device)
+    p = op_counts("plain", mode, size, seed, device)
     rows = [{"op": k, "mlo_calls": m.get(k, (0, 0))[0], "plain_calls": p.get(k, (0, 0))[0],
              "extra_calls": m.get(k, (0, 0))[0] - p.get(k, (0, 0))[0],
              "extra_self_ms": m.get(k, (0, 0.0))[1] - p.get(k, (0, 0.0))[1]} for k in set(m) | set(p)]
@@ -293,15 +277,10 @@ def run(args) -> dict:
             diff32 = None if size == "tiny" else max_rel_diff(mode, size, args.seed, device, torch.float32)
             checks.append(common.check(f"{label}: mlo vs plain, float64, 2 steps (max rel. diff)", diff64,
                                        TOL["float64_max_rel_diff"]))
-            if size != "tiny":   # (the tests run tiny: keep them short)
-                checks.append(common.check(f"{label}: mlo vs plain+recompute, float64, 2 steps (max rel. diff)",
-                                           max_rel_diff(mode, size, args.seed, device, torch.float64,
-                                                        variant="plain+recompute"), TOL["float64_max_rel_diff"]))
         fns = {v: build(v, mode, size, args.seed, device)[0] for v in VARIANTS}
         times = common.time_interleaved(fns, args.reps, args.warmup, device)
         del fns
         ratio = common.paired_ratio(times["mlo"], times["plain"])
-        ratio_rc = common.paired_ratio(times["mlo"], times["plain+recompute"])
         mem = {}
         if not args.no_memory and common.memory_supported(device):
             for v in ("mlo", "plain"):
@@ -313,9 +292,6 @@ def run(args) -> dict:
                      "mlo_iqr_ms": [common.ms(tm["q25"]), common.ms(tm["q75"])],
                      "plain_ms": common.ms(tp["median"]), "plain_iqr_ms": [common.ms(tp["q25"]), common.ms(tp["q75"])],
                      "time_ratio": ratio["median"], "time_ratio_iqr": [ratio["q25"], ratio["q75"]],
-                     "plain_recompute_ms": common.ms(common.summary(times["plain+recompute"])["median"]),
-                     "time_ratio_vs_recompute": ratio_rc["median"],
-                     "time_ratio_vs_recompute_iqr": [ratio_rc["q25"], ratio_rc["q75"]],
                      "mlo_peak_mib": common.mib(mem.get("mlo")), "plain_peak_mib": common.mib(mem.get("plain")),
                      "memory_ratio": mem_ratio, "float64_max_rel_diff": diff64, "float32_max_rel_diff": diff32})
         if full:
@@ -333,8 +309,7 @@ def markdown(result: dict) -> str:
     rows = [dict(r, t_iqr=f"{common.fmt(r['time_ratio_iqr'][0])}–{common.fmt(r['time_ratio_iqr'][1])}")
             for r in result["rows"]]
     cols = [("step", "step"), ("mlo_ms", "mlo (ms)"), ("plain_ms", "plain (ms)"), ("time_ratio", "time mlo/plain"),
-            ("t_iqr", "ratio IQR"), ("plain_recompute_ms", "plain+recompute (ms)"),
-            ("time_ratio_vs_recompute", "time mlo/(plain+recompute)"), ("mlo_peak_mib", "mlo peak (MiB)"), ("plain_peak_mib", "plain peak (MiB)"),
+            ("t_iqr", "ratio IQR"), ("mlo_peak_mib", "mlo peak (MiB)"), ("plain_peak_mib", "plain peak (MiB)"),
             ("memory_ratio", "memory mlo/plain"), ("float64_max_rel_diff", "max rel. diff (f64)"),
             ("float32_max_rel_diff", "max rel. diff (f32)")]
     parts = [common.markdown_table(rows, cols), common.goals_markdown(result["goals"]),
@@ -342,9 +317,9 @@ def markdown(result: dict) -> str:
     for label, prof in result["profile_mlo"].items():
         parts.append(common.profile_markdown(f"mlo profile, {label}", prof))
     for label, ops in result["extra_ops"].items():
-        parts.append(f"Ops mlo runs beyond plain+recompute in one step, {label} (torch.profiler):\n\n"
+        parts.append(f"Ops mlo runs beyond plain in one step, {label} (torch.profiler):\n\n"
                      + common.markdown_table(ops, [("op", "op"), ("mlo_calls", "mlo calls"),
-                                                   ("plain_calls", "plain+recompute calls"),
+                                                   ("plain_calls", "plain calls"),
                                                    ("extra_calls", "extra calls"), ("extra_self_ms", "extra self ms")]))
     return "\n\n".join(parts)
 

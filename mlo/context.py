@@ -10,6 +10,7 @@ from typing import Any
 
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils._pytree import tree_flatten
 
 from .errors import GraphError
 from .tree import Tree
@@ -26,8 +27,10 @@ class Context:
     only flow along declared dependencies.
     """
 
-    def __init__(self, graph, problem, values: dict[str, Tree], step: int = 0, primary: bool = True):
+    def __init__(self, graph, problem, values: dict[str, Tree], step: int = 0, primary: bool = True,
+                 shared=None):
         self._graph = graph
+        self._shared = shared            # a ``SharedCalls`` while an engine evaluates several points
         self.problem = problem
         self._values = values
         self.step = step
@@ -48,13 +51,21 @@ class Context:
         this one call (a stop-gradient for one term of an objective).
         """
         owners = self._graph.owner_index(module)
-        subs = {}
+        subs, ids = {}, []
         for qual, (owner, key, leaf) in owners.items():
             vals = self._values.get(owner)
             if vals is None:
                 subs[qual] = leaf.detach()
+                ids.append(id(leaf))
             else:
                 subs[qual] = vals[key].detach() if owner in constants else vals[key]
+                ids.append((id(vals[key]), owner in constants))
+        shared = self._shared
+        if shared is not None and shared.eligible(args, kwargs, [o for o, _, _ in owners.values()]):
+            flat, spec = tree_flatten((args, kwargs))
+            key = (id(module), str(spec), tuple(id(t) if isinstance(t, Tensor) else repr(t) for t in flat),
+                   tuple(ids))
+            return shared.call(key, lambda: functional_call(module, subs, args, kwargs, strict=False))
         return functional_call(module, subs, args, kwargs, strict=False)
 
     def log(self, key: str, value: Tensor | float) -> None:

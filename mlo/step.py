@@ -229,8 +229,9 @@ class Stepper:
     def _aux_loss(self, problem: Problem):
         graph, step = self.graph, self.step_count
 
-        def loss(params: Tree, reads: dict[str, Tree], record: StepRecord) -> Tensor:
-            ctx = Context(graph, problem, {problem.name: params, **reads}, step=step, primary=False)
+        def loss(params: Tree, reads: dict[str, Tree], record: StepRecord, shared=None) -> Tensor:
+            ctx = Context(graph, problem, {problem.name: params, **reads}, step=step, primary=False,
+                          shared=shared)
             with rng.replay(record.rng):
                 return problem.sign * problem.objective(ctx, record.batch).reshape(())
         return loss

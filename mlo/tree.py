@@ -32,8 +32,8 @@ def add_(acc: Tree | None, tree: Tree) -> Tree:
     """Accumulate ``tree`` into ``acc`` (returns the accumulator)."""
     if acc is None:
         return {k: v.clone() for k, v in tree.items()}
-    for k, v in tree.items():
-        acc[k] = acc[k] + v
+    keys = list(tree)
+    torch._foreach_add_([acc[k] for k in keys], [tree[k] for k in keys])
     return acc
 
 
@@ -53,7 +53,7 @@ def dot(x: Tree, y: Tree) -> Tensor:
 def norm(x: Tree) -> Tensor:
     if not x:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v) for v in x.values()]))
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(x.values()))))
 
 
 def grads(outputs, inputs: Tree, grad_outputs=None, create_graph: bool = False,

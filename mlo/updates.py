@@ -78,6 +78,58 @@ def apply(snap: Snapshot, w: Tree, g: Tree) -> tuple[Tree, Snapshot]:
     return new_w, Snapshot(snap.kind, new_hyper, new_state, snap.clip)
 
 
+def grad_vjp(snap: Snapshot, w: Tree, g: Tree, u: Tree) -> Tree:
+    """``(∂U/∂g)ᵀ u`` at ``(w, g)``: how the step turns a change of its gradient into a
+    change of the parameters (the vector the finite difference perturbs along).
+
+    SGD (any momentum, dampening, Nesterov, weight decay, maximize) and the
+    global-norm clip in closed form, with ``torch._foreach`` ops; Adam by autograd
+    through ``apply``. ``g`` is the unclipped gradient the step used.
+    """
+    if snap.kind != "sgd":
+        return _autograd_vjp(snap, w, g, u)
+    keys = list(u)
+    coefs = [-_sgd_gain(snap.hyper[k], snap.state[k]) for k in keys]
+    if len(set(coefs)) == 1:
+        y = torch._foreach_mul([u[k] for k in keys], coefs[0])
+    else:
+        y = torch._foreach_mul([u[k] for k in keys], coefs)
+    if snap.clip is not None:
+        y = _clip_vjp(snap.clip, [g[k] for k in keys], y)
+    return dict(zip(keys, y))
+
+
+def _sgd_gain(h: dict, st: dict) -> float:
+    """``∂w'/∂g`` of one SGD step, a scalar times the identity (``-lr·gain``; this returns ``lr·gain``)."""
+    a = 1.0 if not h["momentum"] or st.get("buf") is None else 1.0 - h["dampening"]
+    gain = 1.0 + h["momentum"] * a if h["momentum"] and h["nesterov"] else (a if h["momentum"] else 1.0)
+    return (-1.0 if h["maximize"] else 1.0) * h["lr"] * gain
+
+
+def _clip_vjp(clip: float, g: list[Tensor], y: list[Tensor]) -> list[Tensor]:
+    """``(∂ g_c / ∂g)ᵀ y`` for ``g_c = g · min(1, clip / (‖g‖ + 1e-6))`` (``clip_grad_norm_``)."""
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g)))
+    ratio = clip / (total + 1e-6)
+    active = ratio <= 1.0          # where autograd's clamp(max=1) passes the gradient
+    coef = torch.where(active, ratio, torch.ones_like(ratio))
+    gy = torch.stack([torch.vdot(a.reshape(-1), b.reshape(-1)) for a, b in zip(g, y)]).sum()
+    # d ratio / d g = -clip / (‖g‖ + 1e-6)² · g / ‖g‖   (only while the clip is active)
+    k = torch.where(active, -clip * gy / ((total + 1e-6) ** 2 * torch.clamp(total, min=1e-30)),
+                    torch.zeros_like(total))
+    out = torch._foreach_mul(y, coef)
+    torch._foreach_add_(out, torch._foreach_mul(g, k))
+    return out
+
+
+def _autograd_vjp(snap: Snapshot, w: Tree, g: Tree, u: Tree) -> Tree:
+    g0 = {k: t.detach().requires_grad_(True) for k, t in g.items()}
+    w1, _ = apply(snap, {k: t.detach() for k, t in w.items()}, g0)
+    keys = list(w1)
+    vs = torch.autograd.grad([w1[k] for k in keys], [g0[k] for k in keys], grad_outputs=[u[k] for k in keys],
+                             allow_unused=True, materialize_grads=True)
+    return dict(zip(keys, vs))
+
+
 def _sgd(w: Tensor, g: Tensor, h: dict, st: dict):
     d = -g if h["maximize"] else g
     if h["weight_decay"]:

@@ -34,16 +34,18 @@ class StepRecord:
 class Site:
     """What an engine may use to differentiate one problem's solution map.
 
-    ``loss(params, reads, record)`` evaluates the problem's *signed* objective
-    (``-objective`` for a max problem, so every engine treats a minimization)
-    on the record's batch with the record's RNG state replayed. ``reads`` holds
+    ``loss(params, reads, record, shared=None)`` evaluates the problem's *signed*
+    objective (``-objective`` for a max problem, so every engine treats a
+    minimization) on the record's batch with the record's RNG state replayed;
+    ``shared`` (a ``mlo.shared.SharedCalls``) lets several evaluations reuse the
+    module calls that do not depend on the problem's own parameters. ``reads`` holds
     the values the problem read (detached); ``solution`` its parameters after
     its steps; ``records`` its last steps, oldest first (at least one; the last
     is the batch the implicit engines use).
     """
 
     name: str
-    loss: Callable[[Tree, dict[str, Tree], StepRecord], Tensor]
+    loss: Callable[..., Tensor]
     reads: dict[str, Tree]
     solution: Tree
     lr: float                       # learning rate of the last step (first parameter group)

@@ -7,6 +7,7 @@ import torch
 
 from .. import updates
 from ..tree import Tree, grads, norm
+from ..shared import SharedCalls
 from .base import Engine, Site, check_float
 
 
@@ -36,17 +37,35 @@ class FiniteDifference(Engine):
         w = {k: v.detach() for k, v in rec.params.items()}
         v = _update_vjp(site, rec, w, u)
         scale = self.eps / torch.clamp(norm(v), min=torch.finfo(next(iter(v.values())).dtype).tiny)
-        out = {}
+        reads = site.bind(wrt)                      # the same leaves at both points
+        names = [(r, k) for r in wrt for k in reads[r]]
+        targets = [reads[r][k] for r, k in names]
+        shared = SharedCalls(rec.batch, site.name)  # calls that do not see w run once
+        keys = list(w)
+        diff: list | None = None
+        cot: list = []
         for sgn in (1.0, -1.0):
-            reads = site.bind(wrt)
-            point = {k: w[k] + (sgn * scale) * v[k] for k in w}
-            leaves = {f"{r}\0{k}": t for r in wrt for k, t in reads[r].items()}
-            g = grads(site.loss(point, reads, rec), leaves)
-            for name, t in g.items():
-                out[name] = t if sgn > 0 else (out[name] - t) / (2 * scale)
+            step = torch._foreach_mul([v[k] for k in keys], sgn * scale)
+            point = dict(zip(keys, torch._foreach_add([w[k] for k in keys], step)))
+            loss = site.loss(point, reads, rec, shared=shared)
+            cut = list(shared.leaves)
+            gs = torch.autograd.grad(loss, targets + cut, allow_unused=True, materialize_grads=True) \
+                if loss.requires_grad else [torch.zeros_like(t) for t in targets + cut]
+            g, gc = list(gs[:len(targets)]), gs[len(targets):]
+            cot.extend(torch.zeros_like(c) for c in gc[len(cot):])
+            if sgn > 0:
+                diff, cot = g, [c.clone() for c in gc]
+            else:
+                torch._foreach_sub_(diff, g)
+                if cot:
+                    torch._foreach_sub_(cot, list(gc))
+        if shared.outputs:                          # the shared calls' part, backpropagated once
+            through = torch.autograd.grad(shared.outputs, targets, grad_outputs=cot, allow_unused=True,
+                                          materialize_grads=True)
+            torch._foreach_add_(diff, list(through))
+        torch._foreach_div_(diff, 2 * scale)
         result: dict[str, Tree] = {r: {} for r in wrt}
-        for name, t in out.items():
-            r, k = name.split("\0", 1)
+        for (r, k), t in zip(names, diff):
             result[r][k] = t
         return result
 
@@ -54,15 +73,10 @@ class FiniteDifference(Engine):
 def _update_vjp(site: Site, rec, w: Tree, u: Tree) -> Tree:
     """``(∂U/∂g)ᵀ u``: how the step turns a gradient change into a parameter change."""
     if rec.snapshot.linear_in_grad:
-        g0 = {k: torch.zeros_like(t) for k, t in w.items()}
+        g0 = w                      # not used: the Jacobian is a constant
     elif rec.grad is not None:      # the direction the real step used: no recomputation
         g0 = rec.grad
     else:
         wl = {k: t.detach().requires_grad_(True) for k, t in w.items()}
         g0 = grads(site.loss(wl, site.bind([]), rec), wl)
-    g0 = {k: t.detach().requires_grad_(True) for k, t in g0.items()}
-    w1, _ = updates.apply(rec.snapshot, w, g0)
-    keys = list(w1)
-    vs = torch.autograd.grad([w1[k] for k in keys], [g0[k] for k in keys], grad_outputs=[u[k] for k in keys],
-                             allow_unused=True, materialize_grads=True)
-    return dict(zip(keys, vs))
+    return updates.grad_vjp(rec.snapshot, w, g0, u)
