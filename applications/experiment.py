@@ -22,6 +22,7 @@ import argparse
 import csv
 import json
 import os
+import statistics
 import sys
 import time
 from typing import Any, Callable
@@ -31,7 +32,7 @@ import torch
 
 from applications.common import ConfigError, add_common_args, load_config, pick_device, save_config, tune_cpu
 
-__all__ = ["Experiment", "Interrupted", "main_for"]
+__all__ = ["Experiment", "Interrupted", "main_for", "over_seeds", "plot_over_seeds"]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -152,6 +153,25 @@ def write_csv(jsonl_path: str, csv_path: str) -> None:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
+
+
+def over_seeds(values: list[float], name: str) -> dict:
+    """``{<name>_mean, <name>_std, per_seed}`` rounded to 4 digits (std 0 for a single seed)."""
+    return {f"{name}_mean": round(statistics.fmean(values), 4),
+            f"{name}_std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+            "per_seed": [round(v, 4) for v in values]}
+
+
+def plot_over_seeds(ax, summary: dict[str, dict], name: str, seeds: list, ylabel: str, rotation: int = 0) -> None:
+    """One bar per method (mean ± std of ``name`` from ``over_seeds``) with each seed as a dot."""
+    methods = list(summary)
+    for i, m in enumerate(methods):
+        s = summary[m]
+        ax.bar(i, s[f"{name}_mean"], yerr=s[f"{name}_std"], capsize=5, color=f"C{i}", alpha=0.7)
+        ax.scatter([i] * len(s["per_seed"]), s["per_seed"], color="k", s=12, zorder=3)
+    ax.set_xticks(range(len(methods)), methods, rotation=rotation)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"mean ± std over seeds {seeds}")
 
 
 def main_for(app: str, config_cls: type, run: Callable[..., dict], description: str,

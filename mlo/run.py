@@ -7,7 +7,8 @@ from typing import Callable, Iterable
 
 from .graph import Graph
 from .metrics import ProgressBar, flatten
-from .state import graph_state_dict, load_checkpoint, load_graph_state_dict, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
+from .state import graph_state_dict, load_graph_state_dict
 from .step import Stepper
 
 Callback = Callable[[int, dict], None]

@@ -1,12 +1,8 @@
-"""Whole-graph state (parameters, optimizers, schedulers, data positions, buffers, RNG)
-and crash-safe checkpoint files."""
+"""Whole-graph state (parameters, optimizers, schedulers, data positions, buffers, RNG);
+the files it goes into are written by ``mlo.checkpoint``."""
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
-import warnings
-
 import torch
 
 from . import rng
@@ -54,47 +50,3 @@ def load_graph_state_dict(graph: Graph, state: dict, data: bool = True) -> None:
         for name, p in graph.problems.items():
             p.stream.load_state_dict(state["problems"][name]["data"])
     rng.restore_all(state["rng"])
-
-
-def save_checkpoint(obj, path: str | os.PathLike) -> None:
-    """Write atomically: temp file, fsync, rename; the previous file is kept as ``<path>.prev``."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.exists(path):
-            os.replace(path, path + ".prev")
-        os.replace(tmp, path)
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def load_checkpoint(path: str | os.PathLike, map_location="cpu"):
-    """Load with ``weights_only=True``; fall back to ``<path>.prev`` if the file is damaged."""
-    path = os.fspath(path)
-    errors = []
-    for candidate in (path, path + ".prev"):
-        if not os.path.exists(candidate):
-            errors.append(f"{candidate}: missing")
-            continue
-        try:
-            obj = torch.load(candidate, map_location=map_location, weights_only=True)
-        except Exception as e:  # truncated or corrupt file
-            errors.append(f"{candidate}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-            continue
-        if candidate != path:
-            warnings.warn(f"checkpoint {path} could not be read; resumed from the previous one ({candidate})")
-        return obj
-    raise MLOError("no readable checkpoint: " + "; ".join(errors))

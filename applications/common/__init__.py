@@ -1,12 +1,13 @@
 """Small helpers shared by every application's command-line program.
 
 - :mod:`.config`: typed dataclass configs from YAML plus ``key.sub=value`` overrides.
-- :mod:`.checkpoint`: atomic checkpoints that survive a crash mid-write.
+- checkpoints: ``mlo.checkpoint``'s atomic files, re-exported here.
 - :mod:`.cpu`: one call that puts CPU users on PyTorch's fast path.
 - :mod:`.cli`: the flags every program shares (``--config``, ``--set``, ``--out``, ...).
 """
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from mlo.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
 from .cli import add_common_args, pick_device
 from .config import ConfigError, config_to_dict, load_config, save_config
 from .cpu import tune_cpu

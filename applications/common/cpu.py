@@ -46,6 +46,8 @@ def tune_cpu() -> dict:
     """
     global _applied
     if _applied is not None:
+        if _applied["flush_denormal"]:
+            torch.set_flush_denormal(True)   # cheap; someone may have switched it off since
         return dict(_applied)
     result: dict = {"glibc": False, "mmap_threshold": None, "trim_threshold": None}
     libc = _glibc()

@@ -26,7 +26,7 @@ import torch
 
 import mlo
 from applications.common import ConfigError
-from applications.experiment import Experiment, main_for
+from applications.experiment import Experiment, main_for, over_seeds, plot_over_seeds
 
 from . import problems
 
@@ -149,10 +149,7 @@ def run(cfg: IgnoreConfig, out_dir: str, device: torch.device, resume: bool = Fa
 
     table = {}
     for method, runs in per_seed.items():
-        accs = [r["test_acc"] for r in runs.values()]
-        row = {"test_acc_mean": round(statistics.fmean(accs), 4),
-               "test_acc_std": round(statistics.stdev(accs), 4) if len(accs) > 1 else 0.0,
-               "per_seed": [round(a, 4) for a in accs]}
+        row = over_seeds([r["test_acc"] for r in runs.values()], "test_acc")
         if method in ("two_level", "three_level"):
             for k in ("mean_weight_clean", "mean_weight_corrupted"):
                 row[k] = round(statistics.fmean(r[k] for r in runs.values()), 4)
@@ -168,15 +165,9 @@ def plot(rows: list[dict], result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    ax = axes[0]
     methods = list(result["summary"])
-    for i, m in enumerate(methods):
-        s = result["summary"][m]
-        ax.bar(i, s["test_acc_mean"], yerr=s["test_acc_std"], capsize=5, color=f"C{i}", alpha=0.7)
-        ax.scatter([i] * len(s["per_seed"]), s["per_seed"], color="k", s=12, zorder=3)
-    ax.set_xticks(range(len(methods)), methods, rotation=15)
-    ax.set_ylabel("target test accuracy (fine-tuned W)")
-    ax.set_title(f"mean ± std over seeds {result['seeds']}")
+    plot_over_seeds(axes[0], result["summary"], "test_acc", result["seeds"], "target test accuracy (fine-tuned W)",
+                    rotation=15)
 
     ax = axes[1]
     seed0 = str(result["seeds"][0])

@@ -21,7 +21,7 @@ import torch
 
 import mlo
 from applications.common import ConfigError
-from applications.experiment import Experiment, main_for
+from applications.experiment import Experiment, main_for, over_seeds, plot_over_seeds
 
 from . import problems
 
@@ -112,10 +112,7 @@ def run(cfg: ReweightConfig, out_dir: str, device: torch.device, resume: bool = 
                                              summary=summary)
     table = {}
     for method, runs in per_seed.items():
-        accs = [r["balanced_test_acc"] for r in runs.values()]
-        row = {"balanced_test_acc_mean": round(statistics.fmean(accs), 4),
-               "balanced_test_acc_std": round(statistics.stdev(accs), 4) if len(accs) > 1 else 0.0,
-               "per_seed": [round(a, 4) for a in accs]}
+        row = over_seeds([r["balanced_test_acc"] for r in runs.values()], "balanced_test_acc")
         if method == "meta_weight_net":
             row["mean_weight_clean"] = round(statistics.fmean(r["mean_weight_clean"] for r in runs.values()), 4)
             noisy = [r["mean_weight_noisy"] for r in runs.values() if "mean_weight_noisy" in r]
@@ -133,15 +130,8 @@ def plot(rows: list[dict], result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    ax = axes[0]
     methods = list(result["summary"])
-    for i, m in enumerate(methods):
-        s = result["summary"][m]
-        ax.bar(i, s["balanced_test_acc_mean"], yerr=s["balanced_test_acc_std"], capsize=5, color=f"C{i}", alpha=0.7)
-        ax.scatter([i] * len(s["per_seed"]), s["per_seed"], color="k", s=12, zorder=3)
-    ax.set_xticks(range(len(methods)), methods)
-    ax.set_ylabel("balanced test accuracy")
-    ax.set_title(f"mean ± std over seeds {result['seeds']}")
+    plot_over_seeds(axes[0], result["summary"], "balanced_test_acc", result["seeds"], "balanced test accuracy")
 
     ax = axes[1]
     seed0 = str(result["seeds"][0])

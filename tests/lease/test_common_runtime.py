@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from applications.common import add_common_args, pick_device, tune_cpu
-from applications.common.checkpoint import CheckpointError, load_checkpoint, previous_path, save_checkpoint
+from mlo.checkpoint import CheckpointError, load_checkpoint, previous_path, save_checkpoint
 
 
 def test_checkpoint_roundtrip_keeps_previous(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from applications.common import load_config
-from applications.common.checkpoint import load_checkpoint
+from mlo.checkpoint import load_checkpoint
 from applications.lease import train as train_mod
 from applications.lease.train import OptimConfig, TrainConfig, lr_at, main
 

@@ -1,12 +1,13 @@
-"""Crash-safe checkpoints.
+"""Crash-safe checkpoint files.
 
-:func:`save_checkpoint` never leaves a half-written file under the checkpoint's
-name: it writes a temporary file in the same folder, flushes and fsyncs it, and
-renames it into place. The checkpoint it replaces is kept as ``<name>.prev``, so
-:func:`load_checkpoint` can fall back to it (with a warning) when the newest file
-is truncated or corrupt, e.g. after the disk filled up or the machine lost power.
+``save_checkpoint`` never leaves a half-written file under the checkpoint's
+name: it writes a temporary file in the same folder, fsyncs it and renames it
+into place; the file it replaces stays readable as ``<path>.prev`` (a hard link
+where the file system allows, so ``path`` itself never disappears).
+``load_checkpoint`` reads with ``weights_only=True`` (no code runs from a file)
+and falls back to ``<path>.prev``, with a warning, when the newest file is
+missing, truncated or corrupt.
 """
-
 from __future__ import annotations
 
 import os
@@ -17,15 +18,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "previous_path"]
+from .errors import MLOError
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(MLOError, RuntimeError):
     """Neither the checkpoint nor its ``.prev`` backup could be loaded."""
 
 
 def previous_path(path: str | os.PathLike) -> str:
-    """Where :func:`save_checkpoint` keeps the checkpoint it replaced."""
+    """Where ``save_checkpoint`` keeps the checkpoint it replaced."""
     return f"{os.fspath(path)}.prev"
 
 
@@ -33,7 +34,7 @@ def save_checkpoint(obj: Any, path: str | os.PathLike) -> None:
     """Write ``obj`` with ``torch.save`` atomically; keep the replaced file as ``<path>.prev``.
 
     ``obj`` should hold only tensors, numbers, strings, lists and dicts so that
-    :func:`load_checkpoint` can read it with ``weights_only=True``.
+    ``load_checkpoint`` can read it with ``weights_only=True``.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -54,31 +55,28 @@ def save_checkpoint(obj: Any, path: str | os.PathLike) -> None:
     _fsync_dir(folder)
 
 
-def load_checkpoint(path: str | os.PathLike) -> Any:
-    """Load a checkpoint on the CPU; fall back to ``<path>.prev`` if ``path`` is missing or corrupt.
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> Any:
+    """Load with ``weights_only=True``; fall back to ``<path>.prev`` if ``path`` is missing or damaged.
 
-    Raises :class:`CheckpointError` naming both files when neither loads.
+    Raises ``CheckpointError`` naming both files when neither loads.
     """
     path = os.fspath(path)
     prev = previous_path(path)
     try:
-        return _load(path)
+        return torch.load(path, weights_only=True, map_location=map_location)
     except Exception as exc:  # a damaged file surfaces as many different exception types
         first = exc
     if not os.path.exists(prev):
-        raise CheckpointError(f"cannot load checkpoint {path}: {_describe(first)}; no backup {prev} exists") from first
+        raise CheckpointError(f"no readable checkpoint: cannot load {path} ({_describe(first)}); "
+                              f"no backup {prev} exists") from first
     try:
-        obj = _load(prev)
+        obj = torch.load(prev, weights_only=True, map_location=map_location)
     except Exception as exc:
-        raise CheckpointError(
-            f"cannot load checkpoint {path} ({_describe(first)}) nor its backup {prev} ({_describe(exc)})"
-        ) from exc
-    warnings.warn(f"checkpoint {path} is unreadable ({_describe(first)}); loaded the previous one, {prev}", stacklevel=2)
+        raise CheckpointError(f"no readable checkpoint: cannot load {path} ({_describe(first)}) "
+                              f"nor its backup {prev} ({_describe(exc)})") from exc
+    warnings.warn(f"checkpoint {path} is unreadable ({_describe(first)}); loaded the previous one, {prev}",
+                  stacklevel=2)
     return obj
-
-
-def _load(path: str) -> Any:
-    return torch.load(path, weights_only=True, map_location="cpu")
 
 
 def _describe(exc: BaseException) -> str:
@@ -102,7 +100,7 @@ def _keep_previous(path: str) -> None:
 
 
 def _fsync_dir(folder: str) -> None:
-    """Persist the renames themselves (POSIX); silently skipped where directories cannot be opened."""
+    """Persist the renames themselves (POSIX); skipped where directories cannot be opened."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
