@@ -168,3 +168,36 @@ def test_reweight_options(reweight):
     x, d = torch.tensor([2.0, 3.0]), torch.tensor([-0.5, 0.25])
     want = {"mul": x * d, "mul_abs": x * d.abs(), "mul_one_plus_abs": x * (1 + d.abs())}[reweight]
     assert torch.equal(explain.reweight(x, d, reweight), want)
+
+
+def test_explanation_edge_runs_the_clean_pass_once():
+    """The Δ'→E' finite difference shares f(x; E') between its two points: three explainer
+    passes, not four, and the same numbers as evaluating both points in full."""
+    graph, explainer, _, _, _ = _setup(_cfg("finite_difference", **{"engines.explanation.eps": 1e-4}))
+    stepper = mlo.Stepper(graph)
+    stepper.step(stop_before="architecture")
+    site = stepper.sites["explanation"]
+    u = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(1), dtype=DT)
+         for k, v in site.solution.items()}
+    calls = []
+    hook = explainer.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        got = mlo.FiniteDifference(eps=1e-4).vjp(site, u, ["explainer"])["explainer"]
+    finally:
+        hook.remove()
+    assert len(calls) == 3
+    # both points in full (no sharing), as the definition reads
+    rec = site.records[-1]
+    w = {k: t.detach() for k, t in rec.params.items()}
+    v = {k: -LR_D * t for k, t in u.items()}           # SGD on the signed loss: (∂U/∂g)ᵀu = −ξ_Δ·u
+    scale = 1e-4 / _flat(v).norm()
+    out = []
+    for sgn in (1.0, -1.0):
+        reads = site.bind(["explainer"])
+        loss = site.loss({k: w[k] + sgn * scale * v[k] for k in w}, reads, rec)
+        out.append(torch.autograd.grad(loss, list(reads["explainer"].values()), allow_unused=True,
+                                       materialize_grads=True))
+    want = {k: (a - b) / (2 * scale) for k, a, b in zip(site.reads["explainer"], *out)}
+    assert float(_flat(want).abs().max()) > 0
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-7, atol=1e-9)   # rounding / 2ε
