@@ -92,7 +92,7 @@ def test_shared_clean_pass_matches_full_evaluation(dropout):
     want = reference_vjp(site, u, 1e-4)
     assert net.calls == 4
     for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got[k], want[k], rtol=1e-8, atol=1e-10)
     assert max(float(t.abs().max()) for t in want.values()) > 1e-3     # not trivially zero
 
 
@@ -108,7 +108,7 @@ def test_calls_that_see_the_perturbed_parameters_are_not_shared():
     assert net.calls == 4
     want = reference_vjp(site, u, 1e-4)
     for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got[k], want[k], rtol=1e-8, atol=1e-10)
 
 
 def test_a_different_rng_state_is_not_reused():
