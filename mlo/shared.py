@@ -11,13 +11,14 @@ end: three passes instead of four, and the peak memory of one evaluation.
 
 A call is only reused when the RNG state before it is the same (dropout masks
 would differ otherwise); the RNG state after it is then restored, so later calls
-see what they would have seen.
+see what they would have seen. Each evaluation gets its own copy of the output,
+so an objective may modify it in place.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from . import rng
 
@@ -45,7 +46,7 @@ class SharedCalls:
         hit = self._entries.get(key)
         if hit is not None and _same_rng(hit[0], before):
             _restore(hit[1])
-            return hit[2]
+            return _fresh(hit[2])
         out = run()
         flat, spec = tree_flatten(out)
         cut = []
@@ -59,7 +60,12 @@ class SharedCalls:
                 cut.append(t)
         result = tree_unflatten(cut, spec)
         self._entries[key] = (before, rng.capture_torch(), result)
-        return result
+        return _fresh(result)
+
+
+def _fresh(result):
+    """Copies (differentiable, for cut leaves) that the objective may modify in place."""
+    return tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, result)
 
 
 def _same_rng(a: dict, b: dict) -> bool:
