@@ -56,15 +56,16 @@ class Context:
             vals = self._values.get(owner)
             if vals is None:
                 subs[qual] = leaf.detach()
-                ids.append(id(leaf))
+                ids.append((id(leaf), leaf._version))
             else:
                 subs[qual] = vals[key].detach() if owner in constants else vals[key]
-                ids.append((id(vals[key]), owner in constants))
+                ids.append((id(vals[key]), vals[key]._version, owner in constants))
         shared = self._shared
         if shared is not None and shared.eligible(args, kwargs, [o for o, _, _ in owners.values()]):
             flat, spec = tree_flatten((args, kwargs))
-            key = (id(module), str(spec), tuple(id(t) if isinstance(t, Tensor) else repr(t) for t in flat),
-                   tuple(ids))
+            # identity and version: the same tensors, not modified in place since
+            key = (id(module), str(spec),
+                   tuple((id(t), t._version) if isinstance(t, Tensor) else repr(t) for t in flat), tuple(ids))
             return shared.call(key, lambda: functional_call(module, subs, args, kwargs, strict=False))
         return functional_call(module, subs, args, kwargs, strict=False)
 
