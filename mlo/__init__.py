@@ -5,28 +5,35 @@ Declare ``Problem``s, join them in a ``Graph``, pick an engine per edge, run::
     graph = mlo.Graph([inner, outer])
     mlo.Runner(graph).run(steps=100)
 
-See docs/mlo.md for the concepts and each engine's math.
+See docs/mlo.md for the concepts and each engine's math. The submodules
+``mlo.distributed`` (torchrun data parallelism), ``mlo.precision`` (bf16
+autocast), ``mlo.rng`` (random-state capture and restore) and ``mlo.rows``
+(row-sparse tables, ``Problem(rows=...)``) are public too.
 """
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from . import distributed, precision, rng, rows
+from .checkpoint import CheckpointError, has_checkpoint, load_checkpoint, save_checkpoint
 from .check import CheckReport, check_hypergradient, hypergradient
 from .context import Context
-from .engines import CG, ENGINES, Engine, FiniteDifference, FirstOrder, Neumann, Unrolled, make_engine
+from .engines import (CG, ENGINES, DenseImplicit, Engine, FiniteDifference, FirstOrder, Neumann, Unrolled,
+                      from_config as engine_from_config, to_config as engine_to_config)
 from .errors import ConfigError, GraphError, MLOError, NonFiniteError
 from .graph import Graph
 from .metrics import CSVWriter, JSONLWriter, ProgressBar, TensorBoardWriter
 from .problem import Problem, SameBatch
-from .run import Runner
-from .state import graph_state_dict, load_graph_state_dict
-from .step import Stepper, preserve_buffers
+from .run import RunCheckpoint, Runner, read_checkpoint
+from .state import graph_state_dict, load_graph_state_dict, preserve_buffers
+from .step import Direction, Stepper
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Problem", "SameBatch", "Graph", "Context", "Runner", "Stepper",
-    "Engine", "FirstOrder", "Unrolled", "FiniteDifference", "Neumann", "CG", "ENGINES", "make_engine",
+    "Problem", "SameBatch", "Graph", "Context", "Runner", "Stepper", "Direction",
+    "Engine", "FirstOrder", "Unrolled", "FiniteDifference", "Neumann", "CG", "DenseImplicit", "ENGINES",
+    "engine_from_config", "engine_to_config",
     "hypergradient", "check_hypergradient", "CheckReport",
     "MLOError", "GraphError", "ConfigError", "NonFiniteError",
     "JSONLWriter", "CSVWriter", "TensorBoardWriter", "ProgressBar",
     "graph_state_dict", "load_graph_state_dict", "save_checkpoint", "load_checkpoint", "CheckpointError",
-    "preserve_buffers",
+    "RunCheckpoint", "read_checkpoint", "has_checkpoint",
+    "preserve_buffers", "distributed", "precision", "rng", "rows",
 ]

@@ -39,6 +39,7 @@ def save_checkpoint(obj: Any, path: str | os.PathLike) -> None:
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    _remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -58,12 +59,29 @@ def save_checkpoint(obj: Any, path: str | os.PathLike) -> None:
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> Any:
     """Load with ``weights_only=True``; fall back to ``<path>.prev`` if ``path`` is missing or damaged.
 
+    Warns when it falls back; raises ``CheckpointError`` naming both files when neither loads.
+    """
+    obj, used, reason = load_with_fallback(path, map_location)
+    if reason is not None:
+        warnings.warn(f"checkpoint {os.fspath(path)} is unreadable ({reason}); loaded the previous one, {used}",
+                      stacklevel=2)
+    return obj
+
+
+def has_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` or its backup ``<path>.prev`` exists (there is something to resume from)."""
+    return os.path.exists(path) or os.path.exists(previous_path(path))
+
+
+def load_with_fallback(path: str | os.PathLike, map_location="cpu") -> tuple[Any, str, str | None]:
+    """``(object, file read, why the newest file was not used or None)``; no warning.
+
     Raises ``CheckpointError`` naming both files when neither loads.
     """
     path = os.fspath(path)
     prev = previous_path(path)
     try:
-        return torch.load(path, weights_only=True, map_location=map_location)
+        return torch.load(path, weights_only=True, map_location=map_location), path, None
     except Exception as exc:  # a damaged file surfaces as many different exception types
         first = exc
     if not os.path.exists(prev):
@@ -74,9 +92,22 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> Any:
     except Exception as exc:
         raise CheckpointError(f"no readable checkpoint: cannot load {path} ({_describe(first)}) "
                               f"nor its backup {prev} ({_describe(exc)})") from exc
-    warnings.warn(f"checkpoint {path} is unreadable ({_describe(first)}); loaded the previous one, {prev}",
-                  stacklevel=2)
-    return obj
+    return obj, prev, _describe(first)
+
+
+def temporary_files(path: str | os.PathLike) -> list[str]:
+    """The temporary files a writer of ``path`` killed mid-write may have left behind."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    prefix, staged = f".{os.path.basename(path)}.", os.path.basename(previous_path(path)) + ".tmp"
+    return sorted(os.path.join(folder, n) for n in os.listdir(folder)
+                  if (n.startswith(prefix) and n.endswith(".tmp")) or n == staged)
+
+
+def _remove_stale_temporaries(path: str) -> None:
+    """One writer per checkpoint path: any temporary of ``path`` now present is a dead writer's."""
+    for name in temporary_files(path):
+        os.unlink(name)
 
 
 def _describe(exc: BaseException) -> str:

@@ -9,13 +9,15 @@ hypergradient back — each edge visited once, adjoints summed where paths meet.
 """
 from __future__ import annotations
 
+import copy
 import difflib
 from dataclasses import dataclass
 from typing import Sequence
 
 from torch import nn
 
-from .engines import Engine, FirstOrder, Unrolled
+from . import rows
+from .engines import Engine, Unrolled
 from .errors import GraphError
 from .problem import Problem, SameBatch
 
@@ -64,12 +66,18 @@ class Graph:
         self._validate()
         self.index = {n: i for i, n in enumerate(self.order)}
         self.engines = {(q, r): self._engine(q, r) for q in self.order for r in self.problems[q].reads}
-        self.plans = {p: self._plan(p) for p in self.order}
-        self.traced = {s.problem for plan in self.plans.values() for s in plan.sweep}
-        self.records_needed = {q: max([getattr(e, "needs_records", 0) for (qq, _), e in self.engines.items()
-                                       if qq == q] or [0]) for q in self.traced}
         self._owners: dict[int, dict] = {}
+        self._derive()
+
+    def _derive(self) -> None:
+        """Plans, and what they imply, from ``self.engines``."""
+        self.plans = {p: self._plan(p) for p in self.order}
+        # problems whose solution some sweep differentiates: their runs are recorded for the engines
+        self.differentiated = {s.problem for plan in self.plans.values() for s in plan.sweep}
+        self.records_needed = {q: max([getattr(e, "needs_records", 0) for (qq, _), e in self.engines.items()
+                                       if qq == q] or [0]) for q in self.differentiated}
         self.validate_engines()
+        rows.validate_engines(self)
 
     # ------------------------------------------------------------- validation
     def _unknown(self, name: str, where: str) -> GraphError:
@@ -98,7 +106,12 @@ class Graph:
                 if self.order.index(src) >= self.order.index(p.name):
                     raise GraphError(f"problem {p.name!r} uses SameBatch({src!r}), but {src!r} does not run "
                                      "before it in the order, so it has no batch to share yet")
-                p.stream.source = self.problems[src].stream
+            for c in p.constants:
+                if c not in self.problems:
+                    raise self._unknown(c, f"problem {p.name!r} constants")
+                if c == p.name:
+                    raise GraphError(f"problem {p.name!r} names itself in constants; its own parameters are "
+                                     "what it optimizes")
             for r in p.edge_engines:
                 if r not in p.reads:
                     raise GraphError(f"problem {p.name!r}: edge_engines names {r!r}, which it does not read")
@@ -121,8 +134,9 @@ class Graph:
         return eng
 
     # ------------------------------------------------------------- planning
-    def _live(self, q: str, r: str) -> bool:
-        return not isinstance(self.engines[(q, r)], FirstOrder)
+    def _passes(self, q: str, r: str) -> bool:
+        """Whether an adjoint at ``q``'s solution flows on to its read ``r`` (the engine's say)."""
+        return bool(self.engines[(q, r)].passes_adjoint)
 
     def _plan(self, p: str) -> Plan:
         ip = self.index[p]
@@ -130,7 +144,7 @@ class Graph:
         for q in self.order[:ip]:
             iq = self.index[q]
             for r in self.problems[q].reads:
-                if not self._live(q, r):
+                if not self._passes(q, r):
                     continue
                 if r == p or (r in dep and self.index[r] < iq):
                     dep.add(q)
@@ -141,7 +155,7 @@ class Graph:
                 continue
             iq = self.index[q]
             wrt = tuple((r, self.engines[(q, r)]) for r in self.problems[q].reads
-                        if self._live(q, r) and (r == p or (r in dep and self.index[r] < iq)))
+                        if self._passes(q, r) and (r == p or (r in dep and self.index[r] < iq)))
             sweep.append(SweepStep(q, wrt))
         upstream = tuple(r for r in self.problems[p].reads if r in dep)
         # prune problems whose solution no adjoint can reach
@@ -155,8 +169,15 @@ class Graph:
 
     def validate_engines(self) -> None:
         for (q, r), eng in self.engines.items():
-            if q in self.traced:
+            if q in self.differentiated:
                 eng.validate_for(self.problems[q], f"problem {q!r}, edge {q}->{r}")
+
+    def with_engines(self, replace) -> "Graph":
+        """A copy of this graph (same problems) with every edge engine ``e`` replaced by ``replace(e)``."""
+        other = copy.copy(self)
+        other.engines = {edge: replace(e) for edge, e in self.engines.items()}
+        other._derive()
+        return other
 
     # ------------------------------------------------------------- helpers
     def owner_index(self, module: nn.Module) -> dict:
@@ -186,7 +207,7 @@ class Graph:
             parts = []
             for r in p.reads:
                 kind = "solution" if self.index[r] < self.index[n] else "value"
-                eng = f" via {type(self.engines[(n, r)]).__name__}" if n in self.traced else ""
+                eng = f" via {type(self.engines[(n, r)]).__name__}" if n in self.differentiated else ""
                 parts.append(f"{r} ({kind}){eng}")
             lines.append(f"  {n} ({p.mode}) reads: {', '.join(parts) or '-'}")
         return "\n".join(lines)

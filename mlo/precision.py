@@ -10,7 +10,7 @@ objective::
             logits = ctx.forward(model, x)
         return F.cross_entropy(logits.float(), y)     # the loss itself in fp32
 
-It autocasts the *real* evaluations (``ctx.primary``: the step's loss, its
+It autocasts the *real* evaluations (``ctx.real_step``: the step's loss, its
 gradient and the adjoint seeds). The engines' auxiliary evaluations (finite
 difference ± passes, Hessian-vector products of the implicit engines, unrolled
 look-aheads) run with autocast switched off, on the fp32 master values: a finite
@@ -67,7 +67,7 @@ class Autocast:
     def __call__(self, ctx=None):
         if not self.enabled:
             return contextlib.nullcontext()
-        if ctx is not None and not getattr(ctx, "primary", True) and not self.engines:
+        if ctx is not None and not getattr(ctx, "real_step", True) and not self.engines:
             return torch.autocast(self.device_type, enabled=False)
         return torch.autocast(self.device_type, dtype=self.dtype)
 

@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from . import rng
 from .errors import ConfigError
 from .tree import Tree
 
@@ -31,15 +32,23 @@ class Problem:
             only through ``ctx`` (``ctx[name]`` / ``ctx.forward``), so engines can
             evaluate it at other points.
         optimizer: a ``torch.optim.Optimizer`` over exactly these parameters, or
-            a factory ``params -> Optimizer``.
+            a factory ``params -> Optimizer``. The optimizer in use is
+            ``problem.torch_optimizer`` (this field keeps what was passed).
         data: any iterable (e.g. a ``DataLoader``); cycled forever. ``None`` means
             the objective is called with ``batch=None``. ``SameBatch("other")``
             reuses the batch problem ``other`` drew last (it must run earlier).
-        reads: names of the problems whose parameters the objective reads.
+        reads: names of the problems whose parameters the objective reads (and
+            differentiates through).
+        constants: names of problems whose parameters the objective uses as
+            constants: ``ctx[name]`` returns them detached, and ``ctx.forward``
+            uses them without gradient (as it does for any problem outside
+            ``reads``). Declaring them lets ``check_hypergradient`` hold them
+            fixed, as every engine does; an undeclared constant use makes the
+            checker's central difference move them.
         steps: optimizer steps this problem takes each time it runs.
         mode: ``"min"`` or ``"max"``.
         scheduler: optional factory ``optimizer -> LR scheduler``, stepped after
-            every optimizer step.
+            every optimizer step; the scheduler in use is ``problem.torch_scheduler``.
         engine: how this problem's solution is differentiated with respect to
             what it reads (default: ``Unrolled(steps=1)``); ``edge_engines`` maps a
             read name to an engine for that one edge.
@@ -47,6 +56,11 @@ class Problem:
             part of the update rule the unrolled engines differentiate).
         modules: extra modules whose buffers (BatchNorm statistics) must be
             protected during auxiliary passes; the ``params`` module is included.
+        rows: ``rows(batch) -> integer tensor`` declares ``params`` a table of
+            rows (first dimension) of which each batch reads only those named:
+            ``ctx[name]`` is then a ``mlo.rows.RowView`` to index with the
+            batch's row numbers, and everything per step is batch-sized
+            (``mlo/rows.py``, docs/mlo.md "Row-sparse parameters").
     """
 
     name: str
@@ -62,6 +76,8 @@ class Problem:
     edge_engines: Mapping[str, Any] = field(default_factory=dict)
     grad_clip: float | None = None
     modules: Sequence[nn.Module] = ()
+    constants: Sequence[str] = ()
+    rows: Callable[[Any], Tensor] | None = None
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -78,15 +94,25 @@ class Problem:
         if isinstance(self.reads, str):
             self.reads = [self.reads]
         self.reads = list(self.reads)
+        if isinstance(self.constants, str):
+            self.constants = [self.constants]
+        self.constants = list(self.constants)
+        both = sorted(set(self.reads) & set(self.constants))
+        if both:
+            raise ConfigError(f"{where}: {', '.join(map(repr, both))} in both reads and constants; a problem "
+                              "is either differentiated through (reads) or held fixed (constants)")
         self.params_tree, self.structure = _normalize_params(self.params, where)
         mods = list(self.modules)
         if isinstance(self.params, nn.Module):
             mods.insert(0, self.params)
         self.modules = mods
-        self.optimizer = self._build_optimizer(where)
-        self.scheduler_obj = self.scheduler(self.optimizer) if self.scheduler is not None else None
+        self.torch_optimizer = self._build_optimizer(where)
+        self.torch_scheduler = self.scheduler(self.torch_optimizer) if self.scheduler is not None else None
         self.sign = 1.0 if self.mode == "min" else -1.0
         self.stream = DataStream(self.data)
+        if self.rows is not None:
+            from . import rows
+            rows.validate(self, where)
 
     # ------------------------------------------------------------------ helpers
     def _build_optimizer(self, where: str) -> torch.optim.Optimizer:
@@ -167,14 +193,18 @@ class DataStream:
         self.epoch = 0
         self.position = 0
         self.last = None
-        self.source: DataStream | None = None   # set by the Graph for SameBatch
         self._iter = None
         self._epoch_rng = None
 
+    def share(self, batch):
+        """For ``SameBatch`` data: take ``batch`` (another stream's ``last``) as this one's batch."""
+        self.last = batch
+        return batch
+
     def next(self):
         if isinstance(self.data, SameBatch):
-            self.last = self.source.last
-            return self.last
+            raise ConfigError(f"a SameBatch({self.data.source!r}) stream has no batches of its own; "
+                              "the step takes them from the source problem (DataStream.share)")
         if self.data is None:
             return None
         if self._iter is None:
@@ -193,7 +223,7 @@ class DataStream:
         return batch
 
     def _start_epoch(self):
-        self._epoch_rng = _capture_rng(self.data)
+        self._epoch_rng = rng.capture_loader(self.data)
         self.position = 0
         self._iter = iter(self.data)
 
@@ -209,29 +239,15 @@ class DataStream:
         if self.data is None or isinstance(self.data, SameBatch) or state["rng"] is None:
             self.position = 0
             return
-        now = _capture_rng(self.data)
-        _restore_rng(self.data, state["rng"])
+        now = rng.capture_loader(self.data)
+        rng.restore_loader(self.data, state["rng"])
         self._iter = iter(self.data)
         # a sampler may draw its permutation lazily, at the first next(): replay those draws too
         for _ in range(int(state["position"])):
             next(self._iter)
-        _restore_rng(self.data, now)
+        rng.restore_loader(self.data, now)
         gen = getattr(self.data, "generator", None)
         if isinstance(gen, torch.Generator) and state.get("generator_now") is not None:
             gen.set_state(state["generator_now"])   # where the loader's own generator had got to
         self.position = int(state["position"])
 
-
-def _capture_rng(data) -> dict:
-    state = {"torch": torch.get_rng_state()}
-    gen = getattr(data, "generator", None)
-    if isinstance(gen, torch.Generator):
-        state["generator"] = gen.get_state()
-    return state
-
-
-def _restore_rng(data, state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    gen = getattr(data, "generator", None)
-    if isinstance(gen, torch.Generator) and "generator" in state:
-        gen.set_state(state["generator"])

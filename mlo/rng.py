@@ -1,4 +1,13 @@
-"""Capture and replay random-number state (CPU and CUDA, torch/numpy/random)."""
+"""Capture and replay random-number state (CPU and CUDA, torch/numpy/random); the one place
+where mlo reads or writes a global generator.
+
+* ``capture_torch`` / ``restore_torch`` / ``replay``: torch's generators (an engine replays
+  the RNG state a step ran with, so dropout masks match);
+* ``capture_all`` / ``restore_all`` / ``preserved``: torch, numpy and Python ``random``
+  (checkpoints; calls that must leave the caller's random streams untouched);
+* ``capture_loader`` / ``restore_loader``: what decides a data loader's shuffle (torch's
+  global generator and the loader's own ``generator``), for exact data resume.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -14,6 +23,20 @@ def capture_torch() -> dict:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def restore_torch(state: dict) -> None:
+    """Inverse of ``capture_torch``."""
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def same_torch_state(a: dict, b: dict) -> bool:
+    """Whether two ``capture_torch`` results are the same state."""
+    if a.keys() != b.keys() or not torch.equal(a["cpu"], b["cpu"]):
+        return False
+    return all(torch.equal(x, y) for x, y in zip(a.get("cuda", []), b.get("cuda", [])))
 
 
 @contextlib.contextmanager
@@ -39,7 +62,35 @@ def capture_all() -> dict:
     return state
 
 
+@contextlib.contextmanager
+def preserved():
+    """Run the block, then put torch, numpy and Python ``random`` back as they were."""
+    state = capture_all()
+    try:
+        yield
+    finally:
+        restore_all(state)
+
+
+def capture_loader(data) -> dict:
+    """What decides the order ``iter(data)`` draws: torch's global state and ``data.generator``."""
+    state = {"torch": torch.get_rng_state()}
+    gen = getattr(data, "generator", None)
+    if isinstance(gen, torch.Generator):
+        state["generator"] = gen.get_state()
+    return state
+
+
+def restore_loader(data, state: dict) -> None:
+    """Inverse of ``capture_loader``."""
+    torch.set_rng_state(state["torch"])
+    gen = getattr(data, "generator", None)
+    if isinstance(gen, torch.Generator) and "generator" in state:
+        gen.set_state(state["generator"])
+
+
 def restore_all(state: dict) -> None:
+    """Inverse of ``capture_all``."""
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

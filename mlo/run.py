@@ -1,17 +1,63 @@
-"""``Runner``: the outer loop — steps, metrics, progress, checkpoints, resume."""
+"""``Runner``: the outer loop — steps, metrics, progress, checkpoints, resume.
+
+A Runner checkpoint is read back as a ``RunCheckpoint`` (``read_checkpoint``), so
+applications never depend on the file's internal layout.
+"""
 from __future__ import annotations
 
 import os
 import signal
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from .graph import Graph
 from .metrics import ProgressBar, flatten
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_with_fallback, save_checkpoint
 from .state import graph_state_dict, load_graph_state_dict
 from .step import Stepper
 
 Callback = Callable[[int, dict], None]
+
+
+@dataclass(frozen=True)
+class RunCheckpoint:
+    """A ``Runner`` checkpoint as read from disk.
+
+    ``graph_state`` goes to ``load_graph_state_dict`` (or use ``Runner.restore``);
+    ``path`` is the file actually read: the checkpoint, or its ``.prev`` backup
+    when the newest file was missing or damaged (``fallback_reason`` says why).
+    """
+
+    step: int
+    extra: dict
+    skip_counts: dict
+    graph_state: dict
+    path: str
+    fallback_reason: str | None = None
+
+    def to_state(self) -> dict:
+        """The dict ``Runner.state_dict`` wrote."""
+        return {"graph": self.graph_state, "step": self.step, "skipped": dict(self.skip_counts),
+                "extra": self.extra}
+
+
+def read_checkpoint(path: str | os.PathLike, set_aside_damaged: bool = False) -> RunCheckpoint:
+    """Read a ``Runner`` checkpoint (``weights_only=True``), falling back to ``<path>.prev``.
+
+    Raises ``CheckpointError`` naming both files when neither is readable. With
+    ``set_aside_damaged=True`` a damaged newest file that was skipped is renamed to
+    ``<path>.damaged``, so that the next save does not rotate it into the backup
+    (in a run of several processes, only one should do this).
+    """
+    state, used, reason = load_with_fallback(path)
+    if not isinstance(state, dict) or "graph" not in state or "step" not in state:
+        raise CheckpointError(f"{used} is not a checkpoint written by mlo.Runner")
+    path = os.fspath(path)
+    if reason is not None and set_aside_damaged and os.path.exists(path):
+        os.replace(path, path + ".damaged")
+    return RunCheckpoint(step=int(state["step"]), extra=dict(state.get("extra") or {}),
+                         skip_counts=dict(state.get("skipped", {})), graph_state=state["graph"], path=used,
+                         fallback_reason=reason)
 
 
 class Runner:
@@ -26,7 +72,11 @@ class Runner:
     from such a file.
     ``before_step(step)`` runs before every outer step (schedules, dropout rates) and
     may return names of problems that sit out that step.
-    ``extra_state()`` adds application state to every checkpoint (under ``"extra"``).
+    ``extra_state()`` adds application state to every checkpoint (``RunCheckpoint.extra``).
+    ``last_saved_step`` is the step of the last checkpoint this runner wrote or
+    restored (None before any); ``skip_counts`` the updates skipped per problem
+    under ``nan_policy="skip"`` (restored from a checkpoint; ``reset_skip_counts``
+    clears them).
     """
 
     def __init__(self, graph: Graph, callbacks: Iterable[Callback] = (), log_every: int = 1,
@@ -46,11 +96,19 @@ class Runner:
         self.before_step = before_step
         self.last_row: dict = {}
         self.interrupted = False
-        self._saved_at = -1
+        self.last_saved_step: int | None = None
 
     @property
     def step(self) -> int:
         return self.stepper.step_count
+
+    @property
+    def skip_counts(self) -> dict[str, int]:
+        """Updates skipped per problem (a copy)."""
+        return self.stepper.skip_counts
+
+    def reset_skip_counts(self) -> None:
+        self.stepper.skipped.clear()
 
     def state_dict(self) -> dict:
         state = {"graph": graph_state_dict(self.graph), "step": self.stepper.step_count,
@@ -59,20 +117,36 @@ class Runner:
             state["extra"] = self.extra_state()
         return state
 
-    def load_state_dict(self, state: dict) -> None:
-        load_graph_state_dict(self.graph, state["graph"])
+    def load_state_dict(self, state: dict | RunCheckpoint) -> None:
+        """Restore a ``state_dict()`` (or a ``RunCheckpoint``): graph, RNG, step counter, skip counts."""
+        if isinstance(state, RunCheckpoint):
+            state = state.to_state()
+        load_graph_state_dict(self.graph, state["graph"], rng_state=True)
         self.stepper.step_count = int(state["step"])
         self.stepper.skipped.update(state.get("skipped", {}))
+        self.last_saved_step = self.step
+
+    def restore(self, ckpt: RunCheckpoint) -> None:
+        """Continue from a checkpoint read with ``read_checkpoint``."""
+        self.load_state_dict(ckpt)
 
     def save(self, path: str | os.PathLike | None = None) -> None:
         save_checkpoint(self.state_dict(), path or self.checkpoint)
-        if path is None or os.fspath(path) == self.checkpoint:
-            self._saved_at = self.step
+        self._mark_saved(path)
 
-    def resume(self, path: str | os.PathLike | None = None) -> dict:
-        state = load_checkpoint(path or self.checkpoint)
-        self.load_state_dict(state)
-        return state
+    def _mark_saved(self, path) -> None:
+        if path is None or os.fspath(path) == self.checkpoint:
+            self.last_saved_step = self.step
+
+    def resume(self, path: str | os.PathLike | None = None) -> RunCheckpoint:
+        """Read ``path`` (default: ``checkpoint``) with ``read_checkpoint`` and restore it."""
+        ckpt = read_checkpoint(path or self.checkpoint)
+        if ckpt.fallback_reason is not None:
+            import warnings
+            warnings.warn(f"checkpoint {os.fspath(path or self.checkpoint)} is unreadable "
+                          f"({ckpt.fallback_reason}); loaded the previous one, {ckpt.path}", stacklevel=2)
+        self.restore(ckpt)
+        return ckpt
 
     def run(self, steps: int) -> dict:
         """Run until the outer step counter reaches ``steps``; returns the last logged row."""
@@ -107,7 +181,7 @@ class Runner:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         # an exception mid-step (NonFiniteError, a crash) leaves a half-applied step: keep the last checkpoint
-        if completed and self.checkpoint and self.step > 0 and self._saved_at != self.step:
+        if completed and self.checkpoint and self.step > 0 and self.last_saved_step != self.step:
             self.save()
         return self.last_row
 

@@ -16,7 +16,6 @@ so an objective may modify it in place.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
@@ -44,8 +43,8 @@ class SharedCalls:
         """``run()``'s result, computed once per ``key`` and RNG state."""
         before = rng.capture_torch()
         hit = self._entries.get(key)
-        if hit is not None and _same_rng(hit[0], before):
-            _restore(hit[1])
+        if hit is not None and rng.same_torch_state(hit[0], before):
+            rng.restore_torch(hit[1])
             return _fresh(hit[2])
         out = run()
         flat, spec = tree_flatten(out)
@@ -67,14 +66,3 @@ def _fresh(result):
     """Copies (differentiable, for cut leaves) that the objective may modify in place."""
     return tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, result)
 
-
-def _same_rng(a: dict, b: dict) -> bool:
-    if a.keys() != b.keys() or not torch.equal(a["cpu"], b["cpu"]):
-        return False
-    return all(torch.equal(x, y) for x, y in zip(a.get("cuda", []), b.get("cuda", [])))
-
-
-def _restore(state: dict) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])

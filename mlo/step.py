@@ -9,36 +9,26 @@ For each problem P in the graph's order, for each of its ``steps``:
      edge, summing adjoints where paths meet; what reaches P is its
      hypergradient;
   4. hand gradient + hypergradient to P's optimizer.
-Problems whose solutions later problems differentiate leave a ``Site`` behind.
+Problems whose solutions later problems differentiate leave a ``RunRecord`` behind.
+``Stepper.direction(P)`` stops at step 4 and returns P's ``Direction`` unapplied.
 """
 from __future__ import annotations
 
-import contextlib
 from collections import defaultdict
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-from . import rng, updates
+from . import rng, rows as rowsmod, updates
 from .context import Context
-from .engines.base import Site, StepRecord
+from .direction import Direction
+from .engines.base import RunRecord, StepRecord
 from .errors import NonFiniteError
 from .graph import Graph
-from .problem import Problem
-from .tree import Tree, add_, all_finite, clone, detach, norm
-
-
-@contextlib.contextmanager
-def preserve_buffers(modules):
-    """Restore every buffer (BatchNorm statistics, ...) of ``modules`` on exit."""
-    saved = [(b, b.detach().clone()) for m in modules for b in m.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, copy in saved:
-                b.copy_(copy)
+from .problem import Problem, SameBatch
+from .state import preserve_buffers
+from .tree import Tree, all_finite, clone, detach, norm
 
 
 class Stepper:
@@ -46,107 +36,146 @@ class Stepper:
 
     ``nan_policy``: ``"raise"`` (default) stops with ``NonFiniteError`` naming the
     problem and edge before any parameter is touched; ``"skip"`` skips that
-    problem's update and counts it in ``skipped``; ``"off"`` checks nothing (no
+    problem's update and counts it (``skip_counts``); ``"off"`` checks nothing (no
     host synchronisation at all).
     ``batch_fn(problem, k)`` overrides where batches come from (tests, checks).
     ``reduce_fn(problem, tree)`` post-processes each update direction (e.g. an
     all-reduce for data parallelism). With a ``reduce_fn`` and a NaN check, a
     direction that fails the local check is replaced by NaN before the reduction,
     so every process sees the failure and raises or skips at the same update.
+    ``held`` maps a problem to ``{constant: values}``: what its objective sees for
+    the problems it declares in ``Problem.constants`` instead of their live values
+    (the checker holds them there); ``constants_seen`` records, per problem, the
+    values the last step used.
     """
 
     def __init__(self, graph: Graph, nan_policy: str = "raise",
                  batch_fn: Callable[[Problem, int], Any] | None = None,
-                 reduce_fn: Callable[[Problem, Tree], Tree] | None = None):
+                 reduce_fn: Callable[[Problem, Tree], Tree] | None = None,
+                 held: dict[str, dict[str, Tree]] | None = None):
         if nan_policy not in ("raise", "skip", "off"):
             raise ValueError(f"nan_policy: expected 'raise', 'skip' or 'off', got {nan_policy!r}")
         self.graph = graph
         self.nan_policy = nan_policy
         self.batch_fn = batch_fn
         self.reduce_fn = reduce_fn
+        self.held = dict(held or {})
         self.step_count = 0
         self.skipped: dict[str, int] = defaultdict(int)
         self.vjp_calls: dict[str, int] = defaultdict(int)
-        self.sites: dict[str, Site] = {}
+        self.runs: dict[str, RunRecord] = {}
+        self.constants_seen: dict[str, dict[str, Tree]] = {}
+        self.undeclared_constants: dict[str, set[str]] = defaultdict(set)
+        self._sparse = any(p.rows is not None for p in graph.problems.values())
 
     # ---------------------------------------------------------------- public
-    def step(self, stop_before: str | None = None, skip: frozenset[str] | set[str] = frozenset()
-             ) -> dict[str, dict[str, Tensor]]:
+    @property
+    def skip_counts(self) -> dict[str, int]:
+        """Updates skipped per problem under ``nan_policy="skip"`` (a copy)."""
+        return {k: v for k, v in self.skipped.items() if v}
+
+    def step(self, skip: frozenset[str] | set[str] = frozenset()) -> dict[str, dict[str, Tensor]]:
         """One outer step. Returns per-problem metrics (device tensors, no sync).
 
         Problems named in ``skip`` do not run this step (e.g. architecture
         warm-up: train the weights only for the first epochs).
-
-        With ``stop_before=P`` the step stops after computing P's first update
-        direction, without applying it; the direction is in the metrics under
-        ``"_direction"`` / ``"_direct"`` / ``"_hyper"``.
         """
-        self.sites = {}
+        metrics = self._run(skip)
+        self.step_count += 1
+        return metrics
+
+    def direction(self, name: str, adjoints: bool = False) -> Direction:
+        """Run the problems before ``name`` as in a real step, then return ``name``'s first
+        update direction without applying it (``adjoints=True`` keeps the sweep's adjoints)."""
+        if name not in self.graph.problems:
+            raise self.graph._unknown(name, "Stepper.direction")
+        return self._run(frozenset(), stop_at=name, keep_adjoints=adjoints)
+
+    # ---------------------------------------------------------------- parts
+    def _run(self, skip, stop_at: str | None = None, keep_adjoints: bool = False):
+        self.runs = {}
         metrics: dict[str, dict[str, Tensor]] = {}
         for name in self.graph.order:
             if name in skip:
                 continue
             problem = self.graph.problems[name]
             keep = self.graph.records_needed.get(name, 0)
-            traced = name in self.graph.traced
+            recorded = name in self.graph.differentiated
             records: list[StepRecord] = []
-            read_values = self._read_values(problem, clone_later=traced)
+            read_values = self._read_values(problem, problem.reads, clone_later=recorded)
+            constants = {**self._read_values(problem, problem.constants, clone_later=recorded),
+                         **self.held.get(name, {})}
+            self.constants_seen[name] = constants
             for k in range(problem.steps):
-                batch = self.batch_fn(problem, k) if self.batch_fn else problem.stream.next()
+                batch = self._next_batch(problem, k)
+                rmap = rowsmod.batch_rows(self.graph, problem, batch) if self._sparse else {}
                 state = rng.capture_torch()
-                direction, direct, hyper, m = self._direction(problem, batch, state)
-                if name == stop_before:
-                    m.pop("_flags")
-                    m.update(_direction=direction, _direct=direct, _hyper=hyper)
-                    metrics[name] = m
-                    return metrics
-                if traced:
-                    params = clone(problem.params_tree) if keep else None
-                    snap = (updates.snapshot(problem.optimizer, problem.params_tree, problem.grad_clip)
-                            if keep else None)
-                    grad = clone(direction) if keep else None   # clipping below works in place
-                    records.append(StepRecord(params, batch, state, snap, grad))
+                d = self._direction(problem, batch, constants, keep_adjoints, rmap)
+                if name == stop_at:
+                    return d
+                if recorded:
+                    if name in rmap:   # a row-sparse problem: the batch's rows only
+                        params, snap, grad = rowsmod.record_parts(problem, rmap[name], d.total, keep)
+                    else:
+                        params = clone(problem.params_tree) if keep else None
+                        snap = (updates.snapshot(problem.torch_optimizer, problem.params_tree, problem.grad_clip)
+                                if keep else None)
+                        grad = clone(d.total) if keep else None   # clipping below works in place
+                    records.append(StepRecord(params, batch, state, snap, grad, rmap))
                     del records[:-max(keep, 1)]
-                lr = float(problem.optimizer.param_groups[0]["lr"])
-                self._apply(problem, direction, m)
-                metrics[name] = m
-            if traced:
-                self.sites[name] = Site(name=name, loss=self._aux_loss(problem), reads=read_values,
-                                        solution=detach(problem.params_tree),
-                                        lr=lr, records=records)
-        self.step_count += 1
+                lr = float(problem.torch_optimizer.param_groups[0]["lr"])
+                self._apply(problem, d)
+                metrics[name] = d.metrics
+            if recorded:
+                rows, reads, consts = rowsmod.run_rows(problem, records, read_values, constants)
+                own = rowsmod.gather(problem.params_tree, rows[name]) if name in rows else detach(problem.params_tree)
+                self.runs[name] = RunRecord(name=name, loss=self._aux_loss(problem, consts, rows), reads=reads,
+                                            solution=own, lr=lr, records=records, rows=rows)
         return metrics
 
-    # ---------------------------------------------------------------- parts
-    def _read_values(self, problem: Problem, clone_later: bool) -> dict[str, Tree]:
-        """Values of the problems ``problem`` reads; copies of those that will still change."""
+    def _next_batch(self, problem: Problem, k: int):
+        if self.batch_fn is not None:
+            return self.batch_fn(problem, k)
+        if isinstance(problem.data, SameBatch):
+            return problem.stream.share(self.graph.problems[problem.data.source].stream.last)
+        return problem.stream.next()
+
+    def _read_values(self, problem: Problem, names, clone_later: bool) -> dict[str, Tree]:
+        """Values of the problems in ``names``; copies of those that will still change."""
         idx = self.graph.index
         out = {}
-        for r in problem.reads:
+        for r in names:
             tree = self.graph.problems[r].params_tree
             later = idx[r] > idx[problem.name]
             out[r] = clone(tree) if (clone_later and later) else detach(tree)
         return out
 
-    def _direction(self, problem: Problem, batch, state):
+    def _direction(self, problem: Problem, batch, constants: dict[str, Tree], keep_adjoints: bool,
+                   rmap: dict | None = None) -> Direction:
         """Total gradient of P's signed objective: direct part + hypergradient."""
-        plan = self.graph.plans[problem.name]
-        values: dict[str, Tree] = {problem.name: problem.params_tree}
+        plan, rmap = self.graph.plans[problem.name], rmap or {}
+        own, constants = rowsmod.bind_step(problem, rmap, constants) if rmap else (problem.params_tree, constants)
+        values: dict[str, Tree] = {**constants, problem.name: own}
         seeds: dict[str, Tree] = {}
         for r in problem.reads:
             live = self.graph.problems[r].params_tree
+            if r in rmap:
+                live = rowsmod.gather(live, rmap[r])
             if r in plan.upstream:
                 seeds[r] = detach(live, requires_grad=True)
                 values[r] = seeds[r]
             else:
                 values[r] = detach(live)
-        ctx = Context(self.graph, problem, values, step=self.step_count, primary=True)
+        ctx = Context(self.graph, problem, values, step=self.step_count, real_step=True, rows=rmap or None)
         objective = problem.objective(ctx, batch)
         if not isinstance(objective, Tensor) or objective.numel() != 1:
+            shape = f" of shape {tuple(objective.shape)}" if isinstance(objective, Tensor) else ""
             raise TypeError(f"problem {problem.name!r}: objective must return a scalar tensor, "
-                            f"got {type(objective).__name__}")
+                            f"got {type(objective).__name__}{shape}")
+        if ctx.undeclared_constants:
+            self.undeclared_constants[problem.name].update(ctx.undeclared_constants)
         loss = problem.sign * objective.reshape(())
-        targets = {("", k): v for k, v in problem.params_tree.items()}
+        targets = {("", k): v for k, v in own.items()}
         targets.update({(r, k): v for r, t in seeds.items() for k, v in t.items()})
         keys = list(targets)
         if loss.requires_grad:
@@ -160,25 +189,32 @@ class Stepper:
                 direct[k] = g
             else:
                 adjoints[r][k] = g
+        if rmap:
+            direct, adjoints = rowsmod.tag(problem.name, direct, adjoints, rmap)
         check = self.nan_policy != "off"
-        flags = [("objective", None, torch.isfinite(loss)), ("gradient", None, all_finite(direct))] if check else []
-        hyper = self._sweep(problem, plan, dict(adjoints), flags) if plan.sweep else None
-        total = direct if hyper is None else {k: direct[k] + hyper[k] for k in direct}
+        checks = [("objective", None, torch.isfinite(loss)), ("gradient", None, all_finite(direct))] if check else []
+        seen: dict[str, Tree] = {}
+        hyper = self._sweep(problem, plan, dict(adjoints), checks, seen if keep_adjoints else None, direct) \
+            if plan.sweep else None
+        if isinstance(direct, rowsmod.RowTree):
+            total = direct if hyper is None else rowsmod.add(rowsmod.add(None, direct), hyper)
+        else:
+            total = direct if hyper is None else {k: direct[k] + hyper[k] for k in direct}
         if self.reduce_fn is not None:
-            if self.nan_policy != "off":   # processes must agree: a local failure poisons the combined update
-                ok = torch.stack([f for _, _, f in flags]).all()
-                total = {k: torch.where(ok, v, v.new_full((), float("nan"))) for k, v in total.items()}
+            if check:   # processes must agree: a local failure poisons the combined update
+                ok = torch.stack([f for _, _, f in checks]).all()
+                total = rowsmod.like(total, {k: torch.where(ok, v, v.new_full((), float("nan")))
+                                             for k, v in total.items()})
             total = self.reduce_fn(problem, total)
-            if self.nan_policy != "off":
-                flags.append(("update from another process", None, all_finite(total)))
+            if check:
+                checks.append(("update from another process", None, all_finite(total)))
         m = {"loss": objective.detach().reshape(()), "grad_norm": norm(direct)}
         if hyper is not None:
             m["hypergrad_norm"] = norm(hyper)
         m.update(ctx.metrics)
-        m["_flags"] = flags
-        return total, direct, hyper, m
+        return Direction(total, direct, hyper, m["loss"], m, seen, checks)
 
-    def _sweep(self, problem: Problem, plan, adjoints: dict[str, Tree], flags) -> Tree:
+    def _sweep(self, problem: Problem, plan, adjoints: dict[str, Tree], checks, seen, direct: Tree) -> Tree:
         """Reverse accumulation: each edge's VJP once, adjoints summed per problem."""
         hyper = None
         with preserve_buffers(self.graph.modules()):
@@ -186,30 +222,35 @@ class Stepper:
                 u = adjoints.pop(s.problem, None)
                 if u is None:
                     continue
-                site = self.sites[s.problem]
+                if seen is not None:
+                    seen[s.problem] = rowsmod.like(u, detach(u))
+                run = self.runs[s.problem]
+                if s.problem in run.rows:   # a row-sparse problem's edges see the rows its step updated
+                    u = rowsmod.project(u, run.rows[s.problem])
                 groups: dict[Any, list[str]] = {}
                 for r, eng in s.wrt:
                     groups.setdefault(eng, []).append(r)
                 for eng, reads in groups.items():
                     self.vjp_calls[f"{s.problem}->{','.join(reads)}"] += 1
-                    out = eng.vjp(site, u, reads)
+                    out = eng.vjp(run, u, reads)
                     for r, contrib in out.items():
+                        if r in run.rows:
+                            contrib = rowsmod.RowTree(contrib, run.rows[r])
                         if self.nan_policy != "off":
-                            flags.append(("hypergradient", f"{s.problem}->{r}", all_finite(contrib)))
+                            checks.append(("hypergradient", f"{s.problem}->{r}", all_finite(contrib)))
                         if r == problem.name:
-                            hyper = add_(hyper, contrib)
+                            hyper = rowsmod.add(hyper, contrib)
                         else:
-                            adjoints[r] = add_(adjoints.get(r), contrib)
+                            adjoints[r] = rowsmod.add(adjoints.get(r), contrib)
         if hyper is None:
-            hyper = {k: torch.zeros_like(v) for k, v in problem.params_tree.items()}
+            hyper = rowsmod.like(direct, {k: torch.zeros_like(v) for k, v in direct.items()})
         return hyper
 
-    def _apply(self, problem: Problem, direction: Tree, m: dict) -> None:
-        flags = m.pop("_flags")
+    def _apply(self, problem: Problem, d: Direction) -> None:
         if self.nan_policy != "off":
-            ok = torch.stack([f for _, _, f in flags]).all()
+            ok = torch.stack([f for _, _, f in d.checks]).all()
             if not bool(ok):
-                what, edge, _ = next(f for f in flags if not bool(f[2]))
+                what, edge, _ = next(f for f in d.checks if not bool(f[2]))
                 if self.nan_policy == "raise":
                     at = f" (edge {edge})" if edge else ""
                     raise NonFiniteError(f"non-finite {what} in problem {problem.name!r}{at} at outer step "
@@ -217,21 +258,24 @@ class Stepper:
                                          self.step_count)
                 self.skipped[problem.name] += 1
                 return
-        for k, p in problem.params_tree.items():
-            p.grad = direction[k].detach()
-        if problem.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(list(problem.params_tree.values()), problem.grad_clip)
-        problem.optimizer.step()
-        problem.optimizer.zero_grad(set_to_none=True)
-        if problem.scheduler_obj is not None:
-            problem.scheduler_obj.step()
+        if isinstance(d.total, rowsmod.RowTree):
+            rowsmod.step(problem, d.total)     # the rows the direction names, scattered into the table
+        else:
+            for k, p in problem.params_tree.items():
+                p.grad = d.total[k].detach()
+            if problem.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(list(problem.params_tree.values()), problem.grad_clip)
+            problem.torch_optimizer.step()
+            problem.torch_optimizer.zero_grad(set_to_none=True)
+        if problem.torch_scheduler is not None:
+            problem.torch_scheduler.step()
 
-    def _aux_loss(self, problem: Problem):
+    def _aux_loss(self, problem: Problem, constants: dict[str, Tree], rows: dict | None = None):
         graph, step = self.graph, self.step_count
 
         def loss(params: Tree, reads: dict[str, Tree], record: StepRecord, shared=None) -> Tensor:
-            ctx = Context(graph, problem, {problem.name: params, **reads}, step=step, primary=False,
-                          shared=shared)
+            ctx = Context(graph, problem, {**constants, problem.name: params, **reads}, step=step,
+                          real_step=False, shared=shared, rows=rows or None)
             with rng.replay(record.rng):
                 return problem.sign * problem.objective(ctx, record.batch).reshape(())
         return loss

@@ -24,10 +24,6 @@ def clone(tree: Tree) -> Tree:
     return {k: v.detach().clone() for k, v in tree.items()}
 
 
-def zeros_like(tree: Tree) -> Tree:
-    return {k: torch.zeros_like(v) for k, v in tree.items()}
-
-
 def add_(acc: Tree | None, tree: Tree) -> Tree:
     """Accumulate ``tree`` into ``acc`` (returns the accumulator)."""
     if acc is None:
@@ -35,15 +31,6 @@ def add_(acc: Tree | None, tree: Tree) -> Tree:
     keys = list(tree)
     torch._foreach_add_([acc[k] for k in keys], [tree[k] for k in keys])
     return acc
-
-
-def axpy(a: float | Tensor, x: Tree, y: Tree) -> Tree:
-    """``a * x + y``."""
-    return {k: y[k] + a * x[k] for k in y}
-
-
-def scale(a: float | Tensor, x: Tree) -> Tree:
-    return {k: a * v for k, v in x.items()}
 
 
 def dot(x: Tree, y: Tree) -> Tensor:

@@ -3,7 +3,7 @@
 A problem Q that reads problems R1, R2, ... produces a solution ``w'`` (its
 parameters after its steps). Given an adjoint ``u = ∂(objective above)/∂w'``,
 an engine returns ``(∂w'/∂R)ᵀ u`` for each requested read R. Engines see a
-``Site`` — everything recorded about Q's last run — and nothing else.
+``RunRecord`` — everything recorded about Q's last run — and nothing else.
 """
 from __future__ import annotations
 
@@ -28,11 +28,12 @@ class StepRecord:
     rng: Any                         # RNG state at the step (replayed so dropout masks match)
     snapshot: updates.Snapshot | None
     grad: Tree | None = None         # the update direction the step used (before clipping), if kept
+    rows: dict = field(default_factory=dict)   # {row-sparse problem: the mlo.rows.Rows this batch named}
 
 
 @dataclass
-class Site:
-    """What an engine may use to differentiate one problem's solution map.
+class RunRecord:
+    """One problem's last run, kept so that an engine can differentiate its solution map.
 
     ``loss(params, reads, record, shared=None)`` evaluates the problem's *signed*
     objective (``-objective`` for a max problem, so every engine treats a
@@ -41,7 +42,9 @@ class Site:
     module calls that do not depend on the problem's own parameters. ``reads`` holds
     the values the problem read (detached); ``solution`` its parameters after
     its steps; ``records`` its last steps, oldest first (at least one; the last
-    is the batch the implicit engines use).
+    is the batch the implicit engines use). For a row-sparse problem (``rows``
+    names it) ``solution``, the records' points and ``u`` hold the rows of its last
+    step only; a row-sparse read holds the rows the kept steps named.
     """
 
     name: str
@@ -50,6 +53,7 @@ class Site:
     solution: Tree
     lr: float                       # learning rate of the last step (first parameter group)
     records: list[StepRecord] = field(default_factory=list)
+    rows: dict = field(default_factory=dict)   # {row-sparse problem: Rows its values here hold}
 
     @property
     def last(self) -> StepRecord:
@@ -64,20 +68,31 @@ class Site:
 
 
 class Engine(abc.ABC):
-    """Base class. Subclasses are small frozen dataclasses: their fields are the config."""
+    """Base class. Subclasses are small frozen dataclasses: their fields are the config.
 
-    #: whether the engine needs the pre-step point and optimizer snapshot
+    ``passes_adjoint`` says whether an adjoint flows through an edge with this
+    engine (``FirstOrder``: no, so the graph plans no sweep through it); an engine
+    that wraps another should return the wrapped engine's value.
+    """
+
+    #: how many of the problem's last steps the engine needs (pre-step point, batch, optimizer snapshot)
     needs_records: int = 0
+    #: whether this engine propagates an adjoint to the reads (False: the edge is cut)
+    passes_adjoint: bool = True
 
     @abc.abstractmethod
-    def vjp(self, site: Site, u: Tree, wrt: list[str]) -> dict[str, Tree]:
+    def vjp(self, site: RunRecord, u: Tree, wrt: list[str]) -> dict[str, Tree]:
         """Return ``{R: (∂w'/∂R)ᵀ u}`` for every ``R`` in ``wrt``."""
 
     def validate_for(self, problem, where: str) -> None:
         """Raise ``ConfigError`` if this engine cannot run on ``problem``."""
 
+    def reference(self) -> "Engine":
+        """The exact engine this one approximates; ``check_hypergradient`` compares against it."""
+        return self
 
-def mixed_vjp(site: Site, q: Tree, wrt: list[str], grad_graph) -> dict[str, Tree]:
+
+def mixed_vjp(site: RunRecord, q: Tree, wrt: list[str], grad_graph) -> dict[str, Tree]:
     """``Mᵀ q = ∂/∂R ⟨∇_w loss(w, R), q⟩`` from a ``grad_with_graph`` result (double backward)."""
     gw, reads = grad_graph
     targets = {f"{r}\0{k}": v for r in wrt for k, v in reads[r].items()}
@@ -92,7 +107,7 @@ def mixed_vjp(site: Site, q: Tree, wrt: list[str], grad_graph) -> dict[str, Tree
     return out
 
 
-def grad_with_graph(site: Site, point: Tree, record: StepRecord, wrt: list[str]):
+def grad_with_graph(site: RunRecord, point: Tree, record: StepRecord, wrt: list[str]):
     """``∇_w loss`` at ``point`` with a graph kept for further differentiation."""
     w = {k: v.detach().requires_grad_(True) for k, v in point.items()}
     reads = site.bind(wrt)

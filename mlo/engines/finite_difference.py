@@ -8,7 +8,7 @@ import torch
 from .. import updates
 from ..tree import Tree, grads, norm
 from ..shared import SharedCalls
-from .base import Engine, Site, check_float
+from .base import Engine, RunRecord, check_float
 
 
 @dataclass(frozen=True)
@@ -30,9 +30,13 @@ class FiniteDifference(Engine):
     needs_records = 1
 
     def validate_for(self, problem, where: str) -> None:
-        updates.check_supported(problem.optimizer, where)
+        updates.check_supported(problem.torch_optimizer, where)
 
-    def vjp(self, site: Site, u: Tree, wrt: list[str]) -> dict[str, Tree]:
+    def reference(self) -> Engine:
+        from .unrolled import Unrolled
+        return Unrolled(steps=1)
+
+    def vjp(self, site: RunRecord, u: Tree, wrt: list[str]) -> dict[str, Tree]:
         rec = site.records[-1]
         w = {k: v.detach() for k, v in rec.params.items()}
         v = _update_vjp(site, rec, w, u)
@@ -70,7 +74,7 @@ class FiniteDifference(Engine):
         return result
 
 
-def _update_vjp(site: Site, rec, w: Tree, u: Tree) -> Tree:
+def _update_vjp(site: RunRecord, rec, w: Tree, u: Tree) -> Tree:
     """``(∂U/∂g)ᵀ u``: how the step turns a gradient change into a parameter change."""
     if rec.snapshot.linear_in_grad:
         g0 = w                      # not used: the Jacobian is a constant

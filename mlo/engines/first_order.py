@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Engine, Site
+from .base import Engine, RunRecord
 from ..tree import Tree
 
 
@@ -11,5 +11,7 @@ from ..tree import Tree
 class FirstOrder(Engine):
     """``(∂w'/∂R)ᵀ u = 0``. Free; DARTS-1st style. No adjoint flows past this edge."""
 
-    def vjp(self, site: Site, u: Tree, wrt: list[str]) -> dict[str, Tree]:
+    passes_adjoint = False
+
+    def vjp(self, site: RunRecord, u: Tree, wrt: list[str]) -> dict[str, Tree]:
         return {}

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ConfigError
 from ..tree import Tree, dot, norm
-from .base import Engine, Site, check_float, check_int, grad_with_graph, hvp, mixed_vjp
+from .base import Engine, RunRecord, check_float, check_int, grad_with_graph, hvp, mixed_vjp
 
 
 def _neg(trees: dict[str, Tree]) -> dict[str, Tree]:
@@ -35,7 +36,7 @@ class Neumann(Engine):
         check_int("Neumann", "iterations", self.iterations, 0)
         check_float("Neumann", "alpha", self.alpha, positive=True, optional=True)
 
-    def vjp(self, site: Site, u: Tree, wrt: list[str]) -> dict[str, Tree]:
+    def vjp(self, site: RunRecord, u: Tree, wrt: list[str]) -> dict[str, Tree]:
         alpha = site.lr if self.alpha is None else self.alpha
         graph = grad_with_graph(site, site.solution, site.last, wrt)
         v = dict(u)
@@ -46,6 +47,9 @@ class Neumann(Engine):
             total = {k: total[k] + v[k] for k in total}
         q = {k: alpha * t for k, t in total.items()}
         return _neg(mixed_vjp(site, q, wrt, graph))
+
+    def reference(self) -> Engine:
+        return DenseImplicit()
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,7 @@ class CG(Engine):
         check_float("CG", "damping", self.damping)
         check_float("CG", "tol", self.tol, positive=True, optional=True)
 
-    def vjp(self, site: Site, u: Tree, wrt: list[str]) -> dict[str, Tree]:
+    def vjp(self, site: RunRecord, u: Tree, wrt: list[str]) -> dict[str, Tree]:
         graph = grad_with_graph(site, site.solution, site.last, wrt)
 
         def apply_a(v: Tree) -> Tree:
@@ -91,3 +95,48 @@ class CG(Engine):
             p = {k: r[k] + beta * p[k] for k in p}
             rs = rs_new
         return _neg(mixed_vjp(site, x, wrt, graph))
+
+    def reference(self) -> Engine:
+        return DenseImplicit(damping=self.damping)
+
+
+@dataclass(frozen=True)
+class DenseImplicit(Engine):
+    """The implicit hypergradient itself: build ``H + ρI`` densely and solve exactly.
+
+    What ``Neumann`` and ``CG`` converge to; ``check_hypergradient`` uses it as
+    their reference. Costs one Hessian-vector product per parameter of the lower
+    problem and a dense solve, so it refuses problems with more than
+    ``max_params`` parameters.
+    """
+
+    damping: float = 0.0
+    max_params: int = 4096
+
+    def __post_init__(self):
+        check_float("DenseImplicit", "damping", self.damping)
+        check_int("DenseImplicit", "max_params", self.max_params, 1)
+
+    def vjp(self, site: RunRecord, u: Tree, wrt: list[str]) -> dict[str, Tree]:
+        keys = list(u)
+        sizes = [u[k].numel() for k in keys]
+        n = sum(sizes)
+        if n > self.max_params:
+            raise ConfigError(f"DenseImplicit: problem {site.name!r} has {n} parameters, more than "
+                              f"max_params={self.max_params}; a dense Hessian is out of reach")
+        graph = grad_with_graph(site, site.solution, site.last, wrt)
+        ref = u[keys[0]]
+        cols = []
+        for i in range(n):
+            e = torch.zeros(n, dtype=ref.dtype, device=ref.device)
+            e[i] = 1
+            hv = hvp(graph, _unflat(e, u, keys, sizes))
+            cols.append(torch.cat([hv[k].reshape(-1) for k in keys]))
+        h = torch.stack(cols, dim=1) + self.damping * torch.eye(n, dtype=ref.dtype, device=ref.device)
+        rhs = torch.cat([u[k].reshape(-1) for k in keys])
+        q = torch.linalg.solve(h, rhs)
+        return _neg(mixed_vjp(site, _unflat(q, u, keys, sizes), wrt, graph))
+
+
+def _unflat(flat: torch.Tensor, like: Tree, keys: list[str], sizes: list[int]) -> Tree:
+    return {k: part.reshape(like[k].shape) for k, part in zip(keys, torch.split(flat, sizes))}

@@ -8,7 +8,7 @@ import torch
 from .. import updates
 from ..errors import GraphError
 from ..tree import Tree, grads
-from .base import Engine, Site, check_int
+from .base import Engine, RunRecord, check_int
 
 
 @dataclass(frozen=True)
@@ -35,9 +35,9 @@ class Unrolled(Engine):
         if problem.steps < self.steps:
             raise GraphError(f"{where}: Unrolled(steps={self.steps}) cannot be scheduled: the problem "
                              f"takes only {problem.steps} step(s) per run (set Problem.steps >= {self.steps})")
-        updates.check_supported(problem.optimizer, where)
+        updates.check_supported(problem.torch_optimizer, where)
 
-    def vjp(self, site: Site, u: Tree, wrt: list[str]) -> dict[str, Tree]:
+    def vjp(self, site: RunRecord, u: Tree, wrt: list[str]) -> dict[str, Tree]:
         records = site.records[-self.steps:]
         reads = site.bind(wrt)
         w = {k: v.detach() for k, v in records[0].params.items()}

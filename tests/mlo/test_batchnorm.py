@@ -102,7 +102,7 @@ def test_hypergradient_restores_momentum_state():
     net = make_net()
     graph = build(mlo.Unrolled(), net, momentum=0.9)
     mlo.Stepper(graph).step()
-    opt = graph.problems["inner"].optimizer
+    opt = graph.problems["inner"].torch_optimizer
     bufs = {id(p): opt.state[p]["momentum_buffer"].clone() for p in net.parameters()}
     fixed = {"inner": _batches(1, 16)[0], "outer": _batches(2, 12)[0]}
     a = mlo.hypergradient(graph, "outer", batches=fixed)["total"][""]

@@ -65,8 +65,9 @@ SCRIPT = textwrap.dedent('''
         runner = mlo.Runner(graph, progress=False, checkpoint=ckpt)
         if mode == "resume":
             runner.resume()
+        start = runner.step
         runner.run(int(steps))
-        torch.save({"params": params(graph), "step": runner.step}, out)
+        torch.save({"params": params(graph), "step": runner.step, "start": start}, out)
 ''')
 
 TOTAL, CUT = 8, 3
@@ -83,6 +84,7 @@ def script(tmp_path):
 
 
 def _assert_same(a, b):
+    assert a and a.keys() == b.keys()
     for n in a:
         for k in a[n]:
             assert torch.equal(a[n][k], b[n][k]), (n, k, a[n][k], b[n][k])
@@ -108,7 +110,7 @@ def test_resume_in_a_new_process_is_bit_identical(script, tmp_path):
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     resumed = torch.load(out, weights_only=True)
-    assert resumed["step"] == TOTAL
+    assert resumed["start"] == CUT and resumed["step"] == TOTAL     # it continued; it did not start over
     _assert_same(full, resumed["params"])
 
 
@@ -204,3 +206,16 @@ def test_save_is_atomic_and_keeps_prev(tmp_path):
     assert torch.load(str(p) + ".prev", weights_only=True)["a"].item() == 1
     assert sorted(os.listdir(tmp_path)) == ["x.pt", "x.pt.prev"]  # no temp files left
     assert copy.deepcopy(mlo.load_checkpoint(p))["a"].item() == 2
+
+
+def test_temporaries_of_a_killed_writer_are_found_and_removed_by_the_next_save(tmp_path):
+    p = tmp_path / "x.pt"
+    mlo.save_checkpoint({"a": torch.tensor(1)}, p)
+    dead = [tmp_path / ".x.pt.k3j9.tmp", tmp_path / "x.pt.prev.tmp"]   # what a SIGKILL mid-save leaves
+    for f in dead:
+        f.write_bytes(b"partial")
+    (tmp_path / ".y.pt.abcd.tmp").write_bytes(b"another checkpoint's")
+    assert mlo.checkpoint.temporary_files(p) == sorted(str(f) for f in dead)
+    mlo.save_checkpoint({"a": torch.tensor(2)}, p)
+    assert mlo.checkpoint.temporary_files(p) == []
+    assert sorted(os.listdir(tmp_path)) == [".y.pt.abcd.tmp", "x.pt", "x.pt.prev"]

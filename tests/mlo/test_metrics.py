@@ -138,4 +138,4 @@ def test_allow_unread_and_config_errors_share_a_base():
     with __import__("pytest").raises(_mlo.GraphError, match="allow_unread"):
         _mlo.Graph([pa, pb])
     _mlo.Graph([pa, pb], allow_unread=["b"])
-    assert isinstance(_mlo.make_engine("cg", strict=False, iterations=3, eps=0.1), _mlo.CG)
+    assert isinstance(_mlo.engine_from_config({"name": "cg", "iterations": 3}), _mlo.CG)

@@ -195,7 +195,7 @@ SGD_MOM = dict(lr=LR, momentum=0.9, weight_decay=0.05, dampening=0.1)
 def test_one_step_sgd_momentum_weight_decay_after_real_steps(engine, tol):
     mu, wd, damp = SGD_MOM["momentum"], SGD_MOM["weight_decay"], SGD_MOM["dampening"]
     graph, w, theta = _after_real_steps(engine, lambda p: torch.optim.SGD(p, **SGD_MOM))
-    buf = graph.problems["inner"].optimizer.state[w]["momentum_buffer"].clone()
+    buf = graph.problems["inner"].torch_optimizer.state[w]["momentum_buffer"].clone()
     assert buf.norm() > 1e-3
 
     def update(wl, g):
@@ -212,7 +212,7 @@ def test_unrolled_nesterov_after_real_steps():
     mu, wd = 0.8, 0.01
     opt = lambda p: torch.optim.SGD(p, lr=LR, momentum=mu, weight_decay=wd, nesterov=True)  # noqa: E731
     graph, w, theta = _after_real_steps(mlo.Unrolled(), opt)
-    buf = graph.problems["inner"].optimizer.state[w]["momentum_buffer"].clone()
+    buf = graph.problems["inner"].torch_optimizer.state[w]["momentum_buffer"].clone()
 
     def update(wl, g):
         d = g + wd * wl
@@ -250,7 +250,7 @@ def test_one_step_adam_after_real_steps(kind, engine, tol):
     wd = {"adam": 0.0, "adam_l2": 0.1, "adamw": 0.1}[kind]
     cls = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
     graph, w, theta = _after_real_steps(engine, lambda p: cls(p, lr=lr, betas=betas, eps=eps, weight_decay=wd))
-    state = graph.problems["inner"].optimizer.state[w]
+    state = graph.problems["inner"].torch_optimizer.state[w]
     assert int(state["step"]) == 3
     update = _adam_update(state, lr, betas, eps, wd, decoupled=(kind == "adamw"))
     ref = hand_one_step(w.detach(), theta.item(), update)

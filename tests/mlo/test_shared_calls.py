@@ -83,8 +83,8 @@ def test_shared_clean_pass_matches_full_evaluation(dropout, in_place):
     net = Counting(dropout)
     graph = build(net, in_place=in_place)
     stepper = mlo.Stepper(graph)
-    stepper.step(stop_before="top")
-    site = stepper.sites["explanation"]
+    stepper.direction("top")
+    site = stepper.runs["explanation"]
     gen = torch.Generator().manual_seed(5)
     u = {k: torch.randn(t.shape, generator=gen, dtype=t.dtype) for k, t in site.solution.items()}
     net.calls = 0
@@ -102,8 +102,8 @@ def test_calls_that_see_the_perturbed_parameters_are_not_shared():
     net = Counting()
     graph = build(net, clean_uses_batch=False)   # the clean input now depends on Δ
     stepper = mlo.Stepper(graph)
-    stepper.step(stop_before="top")
-    site = stepper.sites["explanation"]
+    stepper.direction("top")
+    site = stepper.runs["explanation"]
     u = {k: torch.ones_like(t) for k, t in site.solution.items()}
     net.calls = 0
     got = mlo.FiniteDifference(eps=1e-4).vjp(site, u, ["explainer"])["explainer"]
