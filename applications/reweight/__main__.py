@@ -1,4 +1,4 @@
-"""Meta-Weight-Net data reweighting on long-tailed, noisy digits: ``python -m applications.reweight``.
+"""Meta-Weight-Net and a per-example weight table on long-tailed, noisy digits: ``python -m applications.reweight``.
 
 Examples::
 
@@ -7,6 +7,8 @@ Examples::
     python -m applications.reweight --set data.imbalance=100 --set data.noise=0.4 --set seeds=[0,1,2]
     python -m applications.reweight --resume runs/reweight-...
 
+Methods: ``uniform``, ``class_balanced``, ``meta_weight_net`` and ``weight_table``
+(one learned logit per training example, a row-sparse mlo table).
 Arms: ``<method>-seed<s>`` for every method in ``methods`` and every seed in
 ``seeds`` (the seed fixes the split, the long-tail class order, the flipped
 labels, the initial weights and the batch order; all methods of one seed share them).
@@ -14,14 +16,16 @@ labels, the initial weights and the batch order; all methods of one seed share t
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass, field
 
 import torch
 
-import mlo
 from applications.common import ConfigError
-from applications.experiment import Experiment, main_for, over_seeds, plot_over_seeds
+from applications.common.engines import EngineSpec, build_engine, engine_field, resolve_engine
+from applications.common.run_folder import LoggingConfig, Run
+from applications.experiment import Experiment, digits_program, run_program, over_seeds, plot_over_seeds
 
 from . import problems
 
@@ -54,12 +58,35 @@ class WeightNetConfig:
     lr: float = 0.01                 # Adam
     weight_decay: float = 1e-4
     normalize: bool = True           # divide the weighted loss by the sum of the weights
-    engine: str = "unrolled"         # the classifier's engine: unrolled (exact one step) or finite_difference
+    engine: EngineSpec = engine_field("unrolled")   # the classifier's engine: unrolled (exact one step) or
+    #                                                  finite_difference; an mlo engine spec (name + its fields)
 
     def validate(self) -> None:
-        if self.engine not in ("unrolled", "finite_difference"):
-            raise ConfigError(f"weight_net.engine: expected 'unrolled' or 'finite_difference', got {self.engine!r} "
-                              "(the classifier takes one step per outer step, so this is a one-step look-ahead)")
+        self.engine = one_step_engine(self.engine, "weight_net.engine")
+
+
+def one_step_engine(spec: EngineSpec, where: str) -> dict:
+    """``spec`` resolved, if it is a one-step look-ahead through the classifier's step."""
+    spec = resolve_engine(spec, where)
+    name = spec["name"]
+    if name not in ("unrolled", "finite_difference") or spec.get("steps", 1) != 1:
+        raise ConfigError(f"{where}: expected unrolled (steps 1) or finite_difference, got {name!r} "
+                          f"{spec} (the classifier takes one step per outer step, so this is a one-step "
+                          "look-ahead)")
+    return spec
+
+
+@dataclass
+class WeightTableConfig:
+    lr: float = 3000.0               # SGD on the logits (a row's hypergradient is ~ classifier lr / batch size)
+    init: float = 0.0                # initial logit of every example (0: uniform weights)
+    sparse: bool = True              # declare the table row-sparse (False: dense, same numbers, table-sized steps)
+    engine: EngineSpec = engine_field("unrolled")   # the classifier's engine in this method (as weight_net.engine)
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"weight_table.lr: must be > 0, got {self.lr}")
+        self.engine = one_step_engine(self.engine, "weight_table.engine")
 
 
 @dataclass
@@ -70,9 +97,11 @@ class ReweightConfig:
     log_every: int = 20
     checkpoint_every: int = 100
     threads: int = 1
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     data: DataConfig = field(default_factory=DataConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     weight_net: WeightNetConfig = field(default_factory=WeightNetConfig)
+    weight_table: WeightTableConfig = field(default_factory=WeightTableConfig)
 
     def validate(self) -> None:
         bad = [m for m in self.methods if m not in problems.METHODS]
@@ -85,26 +114,32 @@ class ReweightConfig:
 LOSS_GRID = [0.25 * i for i in range(21)]   # where the learned weight curve is reported
 
 
-def run(cfg: ReweightConfig, out_dir: str, device: torch.device, resume: bool = False, progress: bool = True) -> dict:
-    exp = Experiment("reweight", cfg, out_dir, resume=resume, log_every=cfg.log_every,
-                     checkpoint_every=cfg.checkpoint_every, progress=progress)
+def run(r: Run) -> dict:
+    cfg, device = r.cfg, r.device
+    exp = Experiment(r, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every)
     grid = torch.tensor(LOSS_GRID, device=device)
     per_seed: dict[str, dict[int, dict]] = {m: {} for m in cfg.methods}
     for seed in cfg.seeds:
         data = problems.load_data(seed, cfg.data.imbalance, cfg.data.noise, cfg.data.val_per_class,
                                   cfg.data.test_fraction, device)
         for method in cfg.methods:
+            tcfg = cfg.weight_table
+            engine, where = ((tcfg.engine, "weight_table.engine") if method == "weight_table"
+                             else (cfg.weight_net.engine, "weight_net.engine"))
             graph, clf, wnet = problems.build_graph(
                 data, method, seed=seed, hidden=cfg.classifier.hidden, lr=cfg.classifier.lr,
                 momentum=cfg.classifier.momentum, batch_size=cfg.classifier.batch_size,
                 weight_net_hidden=cfg.weight_net.hidden, weight_net_lr=cfg.weight_net.lr,
                 weight_net_decay=cfg.weight_net.weight_decay, normalize=cfg.weight_net.normalize,
-                engine=mlo.make_engine(cfg.weight_net.engine))
+                table_lr=tcfg.lr, table_init=tcfg.init, sparse_table=tcfg.sparse,
+                engine=build_engine(engine, where))
 
-            def summary(clf=clf, wnet=wnet, data=data):
+            def summary(clf=clf, wnet=wnet, data=data, method=method):
                 out = problems.evaluate(clf, data)
-                if wnet is not None:
+                if method == "meta_weight_net":
                     out.update(problems.weight_profile(clf, wnet, data, grid))
+                elif method == "weight_table":
+                    out.update(problems.table_profile(wnet, data))
                 return out
 
             per_seed[method][seed] = exp.arm(f"{method}-seed{seed}", graph, cfg.steps,
@@ -113,7 +148,7 @@ def run(cfg: ReweightConfig, out_dir: str, device: torch.device, resume: bool = 
     table = {}
     for method, runs in per_seed.items():
         row = over_seeds([r["balanced_test_acc"] for r in runs.values()], "balanced_test_acc")
-        if method == "meta_weight_net":
+        if method in ("meta_weight_net", "weight_table"):
             row["mean_weight_clean"] = round(statistics.fmean(r["mean_weight_clean"] for r in runs.values()), 4)
             noisy = [r["mean_weight_noisy"] for r in runs.values() if "mean_weight_noisy" in r]
             if noisy:
@@ -129,7 +164,7 @@ def plot(rows: list[dict], result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 4 if "weight_table" in result["runs"] else 3, figsize=(20, 4.2))
     methods = list(result["summary"])
     plot_over_seeds(axes[0], result["summary"], "balanced_test_acc", result["seeds"], "balanced test accuracy")
 
@@ -152,14 +187,33 @@ def plot(rows: list[dict], result: dict, path: str) -> None:
         ax.set_ylabel("learned weight V(loss)")
         ax.set_title("Meta-Weight-Net")
         ax.legend()
+    if "weight_table" in result["runs"]:
+        ax = axes[3]
+        bins = [i / 20 for i in range(21)]
+        for s, r in result["runs"]["weight_table"].items():
+            w = [1 / (1 + math.exp(-t)) for t in r["logits"]]
+            ax.hist(w, bins=bins, histtype="step", label=f"seed {s}")
+        ax.set_xlabel("per-example weight σ(θ_i)")
+        ax.set_ylabel("training examples")
+        ax.set_title("weight table (end)")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+PROGRAM = digits_program(
+    "reweight", ReweightConfig, "Meta-Weight-Net and a per-example weight table on a long-tailed, "
+                    "label-noised digits split vs uniform and class-balanced weights.",
+    examples=[[], ["--config", "applications/reweight/configs/tiny.yaml", "--out", "runs/rw-tiny"],
+     ["--set", "data.imbalance=100", "--set", "data.noise=0.4", "--set", "seeds=[0,1,2]"],
+     ["--set", "methods=[uniform,weight_table]", "--set", "weight_table.lr=100"],
+     ["--resume", "runs/rw-tiny"]],
+    plot_name="reweight.png")
+
+
 def main(argv: list[str] | None = None) -> int:
-    return main_for("reweight", ReweightConfig, run, "Meta-Weight-Net on a long-tailed, label-noised digits split "
-                    "vs uniform and class-balanced weights.", argv)
+    return run_program(PROGRAM, run, argv)
 
 
 if __name__ == "__main__":

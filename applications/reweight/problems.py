@@ -9,6 +9,12 @@ Two levels (Shu et al., 2019, "Meta-Weight-Net")::
 (0, 1)) whose input is the loss *value* (detached, as in the paper), and the
 validation set is small, clean and class-balanced. The hypergradient is the
 paper's one-step look-ahead: ``Unrolled(steps=1)`` on the classifier.
+
+The ``weight_table`` method replaces ``V`` by one learned logit ``θ_i`` per
+training example (learning to reweight with a persistent table): the weight of
+example i in a batch B is ``σ(θ_i) / Σ_{j∈B} σ(θ_j)``. The table is declared
+row-sparse (``mlo.Problem(rows=...)``): each step gathers, differentiates and
+updates only the batch's rows.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import mlo
 from applications import digits
 
-METHODS = ("uniform", "class_balanced", "meta_weight_net")
+METHODS = ("uniform", "class_balanced", "meta_weight_net", "weight_table")
 
 
 @dataclass
@@ -64,44 +70,63 @@ def load_data(seed: int, imbalance: float, noise: float, val_per_class: int, tes
                 digits.to_tensors(te, y[parts["test"]], device), torch.as_tensor(flip, device=device), counts)
 
 
-def make_classifier(hidden: int, device) -> nn.Module:
+def make_classifier(hidden: int, device, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Logistic regression (``hidden=0``) or a one-hidden-layer MLP."""
     if hidden:
-        return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, digits.NUM_CLASSES)).to(device)
-    return nn.Linear(64, digits.NUM_CLASSES).to(device)
+        net = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, digits.NUM_CLASSES))
+    else:
+        net = nn.Linear(64, digits.NUM_CLASSES)
+    return net.to(device, dtype)
 
 
-def make_weight_net(hidden: int, device) -> nn.Module:
+def make_weight_net(hidden: int, device, dtype: torch.dtype = torch.float32) -> nn.Module:
     """V(ℓ; φ): one loss value in, one weight in (0, 1) out (MLP with one hidden layer)."""
-    return nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, 1), nn.Sigmoid()).to(device)
+    return nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, 1), nn.Sigmoid()).to(device, dtype)
 
 
 def train_loader(data: Data, batch_size: int, seed: int) -> DataLoader:
-    """Shuffled minibatches; the seeded generator makes the order (and a resume) reproducible."""
-    return DataLoader(TensorDataset(*data.train), batch_size=batch_size, shuffle=True,
+    """Shuffled ``(x, y, index)`` minibatches; the seeded generator makes the order (and a resume)
+    reproducible. ``index`` (the examples' rows in ``data.train``) is what the weight table reads."""
+    x, y = data.train
+    index = torch.arange(len(y), device=y.device)
+    return DataLoader(TensorDataset(x, y, index), batch_size=batch_size, shuffle=True,
                       generator=torch.Generator().manual_seed(seed))
+
+
+def example_rows(batch) -> torch.Tensor:
+    """The weight-table rows an ``(x, y, index)`` batch reads: its examples' indices."""
+    return batch[2]
 
 
 # ----------------------------------------------------------------- the declarations
 def build_graph(data: Data, method: str, *, seed: int, hidden: int, lr: float, momentum: float,
                 batch_size: int, weight_net_hidden: int = 32, weight_net_lr: float = 1e-2,
                 weight_net_decay: float = 1e-4, normalize: bool = True,
-                engine: mlo.Engine | None = None) -> tuple[mlo.Graph, nn.Module, nn.Module | None]:
-    """One arm: the classifier's problem, plus the weighting net's problem for Meta-Weight-Net."""
-    device = data.train[0].device
+                table_lr: float = 3000.0, table_init: float = 0.0, sparse_table: bool = True,
+                engine: mlo.Engine | None = None) -> tuple[mlo.Graph, nn.Module, nn.Module | torch.Tensor | None]:
+    """One arm: the classifier's problem, plus the weighting net's problem for Meta-Weight-Net
+    or the weight table's problem (``sparse_table=False``: the same table declared dense).
+    Returns the graph, the classifier and the weighting net or table (None for the baselines)."""
+    device, dtype = data.train[0].device, data.train[0].dtype
     torch.manual_seed(seed)
-    classifier = make_classifier(hidden, device)
-    weight_net = make_weight_net(weight_net_hidden, device) if method == "meta_weight_net" else None
+    classifier = make_classifier(hidden, device, dtype)
+    weight_net = make_weight_net(weight_net_hidden, device, dtype) if method == "meta_weight_net" else None
+    table = (torch.full((len(data.train[1]),), float(table_init), device=device, dtype=dtype).requires_grad_()
+             if method == "weight_table" else None)
     counts = torch.bincount(data.train[1], minlength=digits.NUM_CLASSES).float()
     class_weight = len(data.train[1]) / (digits.NUM_CLASSES * counts.clamp(min=1))   # mean weight 1
 
     def classifier_objective(ctx, batch):
-        x, y = batch
+        x, y, idx = batch
         losses = F.cross_entropy(ctx.forward(classifier, x), y, reduction="none")
         if method == "uniform":
             return losses.mean()
         if method == "class_balanced":
             return (class_weight[y] * losses).mean()
+        if method == "weight_table":
+            weights = torch.sigmoid(ctx["weights"][idx])                         # σ(θ_i), the batch's rows
+            ctx.log("mean_weight", weights.mean())
+            return (weights * losses).sum() / weights.sum()
         weights = ctx.forward(weight_net, losses.detach().unsqueeze(1)).squeeze(1)   # V(ℓ_i; φ)
         ctx.log("mean_weight", weights.mean())
         if normalize:
@@ -112,11 +137,14 @@ def build_graph(data: Data, method: str, *, seed: int, hidden: int, lr: float, m
         x, y = batch
         return F.cross_entropy(ctx.forward(classifier, x), y)   # at the classifier's look-ahead step
 
+    def table_objective(ctx, batch):   # batch: the classifier's, which names the rows to update
+        return F.cross_entropy(ctx.forward(classifier, data.val[0]), data.val[1])
+
     problems = [mlo.Problem(
         "classifier", classifier, classifier_objective,
         optimizer=lambda p: torch.optim.SGD(p, lr=lr, momentum=momentum),
         data=train_loader(data, batch_size, seed),
-        reads=["weights"] if weight_net is not None else [],
+        reads=["weights"] if method in ("meta_weight_net", "weight_table") else [],
         engine=engine or mlo.Unrolled(steps=1),   # d(classifier after its step)/dφ, exactly
     )]
     if weight_net is not None:
@@ -126,7 +154,15 @@ def build_graph(data: Data, method: str, *, seed: int, hidden: int, lr: float, m
             data=[data.val],
             reads=["classifier"],
         ))
-    return mlo.Graph(problems), classifier, weight_net
+    if table is not None:
+        problems.append(mlo.Problem(
+            "weights", table, table_objective,
+            optimizer=lambda p: torch.optim.SGD(p, lr=table_lr),
+            data=mlo.SameBatch("classifier"),   # the rows the classifier's step weighted
+            reads=["classifier"],
+            rows=example_rows if sparse_table else None,
+        ))
+    return mlo.Graph(problems), classifier, weight_net if table is None else table
 
 
 @torch.no_grad()
@@ -136,6 +172,17 @@ def evaluate(classifier: nn.Module, data: Data) -> dict[str, float]:
     xt, yt = data.test
     return {"val_loss": float(F.cross_entropy(classifier(xv), yv)),
             "balanced_test_acc": digits.balanced_accuracy(classifier(xt).argmax(1), yt)}
+
+
+@torch.no_grad()
+def table_profile(table: torch.Tensor, data: Data) -> dict[str, float | list[float]]:
+    """The table's logits and the mean weight σ(θ_i) of clean vs flipped training examples."""
+    w = torch.sigmoid(table)
+    out: dict[str, float | list[float]] = {"logits": table.tolist(),
+                                            "mean_weight_clean": float(w[~data.noisy].mean())}
+    if bool(data.noisy.any()):
+        out["mean_weight_noisy"] = float(w[data.noisy].mean())
+    return out
 
 
 @torch.no_grad()
