@@ -53,14 +53,21 @@ def plot_genotype(genotype: Genotype, path: str) -> None:
 
 def plot_alpha_history(steps: list[int], history: dict[str, list[np.ndarray]], op_names: dict[str, list[list[str]]],
                        path: str) -> None:
-    """Heatmaps of softmax(alpha) over time: one row per (edge, op), one column per logged step."""
+    """Heatmaps of softmax(alpha) - 1/K over time: one row per (edge, op), one column per logged step.
+
+    The deviation from uniform, on a colour scale centred at 0 and stretched to the
+    largest deviation (the title gives it), shows change however small: red ops
+    gain weight, blue ops lose it. A search that has not moved says so in the title.
+    """
     kinds = [k for k in ("normal", "reduce") if history.get(k)]
     fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 9), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         arr = np.stack(history[kind])                       # (T, edges, ops)
         t, e, o = arr.shape
-        img = arr.reshape(t, e * o).T
-        ax.imshow(img, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0, vmax=max(img.max(), 1e-6))
+        img = arr.reshape(t, e * o).T - 1.0 / o
+        scale = max(float(np.abs(img).max()), 1e-6)
+        im = ax.imshow(img, aspect="auto", cmap="RdBu_r", interpolation="nearest", vmin=-scale, vmax=scale)
+        fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, label=f"softmax - 1/{o}")
         names = op_names[kind]
         ax.set_yticks(range(e * o))
         ax.set_yticklabels([f"e{i}:{names[i][k]}" for i in range(e) for k in range(o)], fontsize=4)
@@ -68,7 +75,9 @@ def plot_alpha_history(steps: list[int], history: dict[str, list[np.ndarray]], o
         ax.set_xticks(ticks)
         ax.set_xticklabels([str(steps[i]) for i in ticks])
         ax.set_xlabel("step")
-        ax.set_title(f"{kind} cell: softmax(alpha) over time")
+        final = arr[-1]
+        ax.set_title(f"{kind} cell: softmax(alpha) - uniform\nlargest |deviation| over the run {scale:.4f}, "
+                     f"final mean max weight {final.max(axis=1).mean():.3f} (uniform {1.0 / o:.3f})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

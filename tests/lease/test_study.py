@@ -1,0 +1,75 @@
+"""`python -m applications.lease.study` end to end at tiny size, in child processes: table schema, skip, resume."""
+import json
+import os
+
+import pytest
+
+from tests.subproc import run_module
+
+TINY_SEARCH = ["--set", "epochs=2", "--set", "max_steps_per_epoch=2", "--set", "arch_start_epoch=1",
+               "--set", "space.C=2", "--set", "space.nodes=2", "--set", "audience.width=0.0625",
+               "--set", "data.subset_fraction=0.25", "--set", "log_every=1", "--set", "data.batch_size=16"]
+TINY_TRAIN = ["--train-set", "train.epochs=1", "--train-set", "model.C=4", "--train-set", "model.layers=2",
+              "--train-set", "data.subset_fraction=0.1"]
+ROW_KEYS = {"method", "seeds_done", "test_acc_mean", "test_acc_std", "per_seed", "search_seconds", "eval_seconds",
+            "agreement_edges", "agreement_inputs", "arch_deviation", "arch_margin"}
+
+
+def _study(out, *extra):
+    return run_module("applications.lease.study", ["--out", out, "--seeds", "1", "--first-seed", "0", "--eval-seeds", "2", "--device", "cpu",
+                                                  "--methods", "lease,baseline,random", *TINY_SEARCH, *TINY_TRAIN,
+                                                  *extra])
+
+
+@pytest.mark.slow
+def test_study_runs_end_to_end_skips_finished_and_resumes(tmp_path):
+    out = str(tmp_path / "study")
+    proc = _study(out)
+    assert "3/3 runs done, 0 left" in proc.stderr
+    summary = json.load(open(os.path.join(out, "study.json")))
+    assert {"command", "rows", "paired", "chance", "evaluation_noise", "seeds", "eval_seeds", "methods"} <= set(summary)
+    rows = {r["method"]: r for r in summary["rows"]}
+    assert set(rows) == {"lease", "baseline", "random"}
+    for r in rows.values():
+        assert ROW_KEYS <= set(r) and r["seeds_done"] == 1 and 0 <= r["test_acc_mean"] <= 100
+    assert rows["lease"]["search_seconds"] > 0 and rows["random"]["search_seconds"] == 0
+    assert rows["lease"]["arch_deviation"] > 0          # the search reports how far alpha moved
+    assert {(p["method"], p["reference"]) for p in summary["paired"]} >= {("lease", "baseline"), ("lease", "random")}
+    assert 0 < summary["chance"]["edges"] < summary["chance"]["inputs"] < 1
+    md = open(os.path.join(out, "study.md")).read()
+    assert "| lease |" in md and "| baseline |" in md and "95 % CI" in md
+    assert os.path.getsize(os.path.join(out, "study.png")) > 0
+    for method in ("lease", "baseline"):
+        assert os.path.exists(os.path.join(out, "runs", method, "seed0", "search", "genotype.json"))
+    assert os.path.exists(os.path.join(out, "runs", "random", "seed0", "eval1", "result.json"))
+
+    # finished runs are skipped; a search without its result is resumed with --resume
+    log = os.path.join(out, "runs", "lease", "seed0", "search.log")
+    os.remove(os.path.join(out, "runs", "lease", "seed0", "search", "result.json"))
+    os.remove(os.path.join(out, "runs", "baseline", "seed0", "eval1", "result.json"))
+    _study(out)
+    commands = [line for line in open(log) if line.startswith("$ ")]
+    assert len(commands) == 2 and "--resume" in commands[1]
+    base_log = open(os.path.join(out, "runs", "baseline", "seed0", "eval1.log")).read()
+    assert base_log.count("$ python -m applications.lease.train") == 2 and "--resume" in base_log
+    assert open(os.path.join(out, "runs", "baseline", "seed0", "search.log")).read().count("$ ") == 1
+    assert json.load(open(os.path.join(out, "study.json")))["rows"][0]["seeds_done"] == 1
+
+
+def test_study_rejects_unknown_method(tmp_path):
+    proc = run_module("applications.lease.study", ["--out", str(tmp_path), "--methods", "lease,magic"], expect=2)
+    assert "--methods" in proc.stderr and "magic" in proc.stderr
+
+
+def test_study_takes_a_paper_preset_unchanged(tmp_path):
+    """A CIFAR row with a data root and --device: the plan resolves (the train preset from the dataset);
+    --report-only writes the (empty) table without running anything."""
+    out = str(tmp_path / "c10")
+    run_module("applications.lease.study", ["--out", out, "--config",
+                                            "applications/lease/configs/cifar10-darts-2nd-resnet18.yaml",
+                                            "--data-root", str(tmp_path / "data"), "--device", "cpu", "--report-only"])
+    summary = json.load(open(os.path.join(out, "study.json")))
+    assert summary["train_config"].endswith("train_cifar10.yaml")
+    assert summary["seeds"] == [2, 3, 4, 5, 6] and summary["eval_seeds"] == 3
+    assert [r["seeds_done"] for r in summary["rows"]] == [0] * 5
+    assert not os.path.exists(os.path.join(out, "runs"))
