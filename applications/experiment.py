@@ -1,8 +1,9 @@
-"""The run folder shared by the digits applications (``hpo``, ``reweight``, ``ignore``).
+"""The arms of the digits applications (``hpo``, ``reweight``, ``ignore``).
 
 Each of those programs compares several *arms* (an engine, a baseline, a seed),
-each an ``mlo.Graph`` run by ``mlo.Runner``. :class:`Experiment` gives every
-program the same output folder::
+each an ``mlo.Graph`` run by ``mlo.Runner``, in one run folder
+(:mod:`applications.common.run_folder`: the same flags, resume and overwrite rules
+as every program)::
 
     config.yaml     the resolved settings (``--resume`` reads them back)
     metrics.jsonl   one JSON line per logged step, tagged with its arm
@@ -18,52 +19,49 @@ and continues the interrupted one from its last checkpoint, exactly.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
 import statistics
-import sys
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import mlo
-import torch
 
-from applications.common import ConfigError, add_common_args, load_config, pick_device, save_config, tune_cpu
+from applications.common.run_folder import Interrupted, Program, Run, cli_main, trim_logs
 
-__all__ = ["Experiment", "Interrupted", "main_for", "over_seeds", "plot_over_seeds"]
-
-CHECKPOINT = "checkpoint.pt"
-
-
-class Interrupted(Exception):
-    """Ctrl-C (or SIGTERM) arrived; the checkpoint has been written."""
+__all__ = ["Experiment", "Interrupted", "digits_program", "run_program", "over_seeds", "plot_over_seeds"]
 
 
 class Experiment:
-    """Runs named arms one after another in ``out_dir`` and remembers which are done."""
+    """Runs named arms one after another in the run's folder and remembers which are done."""
 
-    def __init__(self, app: str, cfg: Any, out_dir: str, resume: bool = False, log_every: int = 10,
-                 checkpoint_every: int = 50, progress: bool = True):
-        self.app, self.cfg, self.out_dir = app, cfg, out_dir
-        self.log_every, self.checkpoint_every, self.progress = log_every, checkpoint_every, progress
-        os.makedirs(out_dir, exist_ok=True)
-        self.ckpt = os.path.join(out_dir, CHECKPOINT)
-        self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    def __init__(self, run: Run, log_every: int = 10, checkpoint_every: int = 50):
+        self.run, self.app = run, run.program.module.rsplit(".", 1)[-1]
+        self.log_every, self.checkpoint_every = log_every, checkpoint_every
+        run.start()
+        self.out_dir = run.out
+        self.metrics_path = os.path.join(run.out, "metrics.jsonl")
         self.done: dict[str, dict] = {}
-        self._pending: tuple[str, dict] | None = None
-        if resume:
-            state = mlo.load_checkpoint(self.ckpt)
-            extra = state.get("extra", {})
-            self.done = dict(extra.get("done", {}))
-            if extra.get("arm") not in self.done:
-                self._pending = (extra["arm"], state)
-            self._trim_metrics(state)
-        elif os.path.exists(self.metrics_path):
-            os.unlink(self.metrics_path)
-        save_config(cfg, os.path.join(out_dir, "config.yaml"))
-        self._jsonl = mlo.JSONLWriter(self.metrics_path)
+        self._pending: tuple[str, mlo.RunCheckpoint] | None = None
+        if run.resume:
+            if mlo.has_checkpoint(run.checkpoint):
+                ckpt = mlo.read_checkpoint(run.checkpoint, set_aside_damaged=True)
+                if ckpt.fallback_reason is not None:
+                    run.say(f"warning: {run.checkpoint} cannot be read ({ckpt.fallback_reason[:200]}); "
+                            f"using the previous checkpoint {ckpt.path}")
+                self.done = dict(ckpt.extra.get("done", {}))
+                current, step = ckpt.extra.get("arm"), ckpt.step
+                if current not in self.done:
+                    self._pending = (current, ckpt)
+                trim_logs(run.out, lambda r: r.get("arm") in self.done
+                          or (r.get("arm") == current and r.get("step", 0) <= step), names=("metrics.jsonl",))
+            else:
+                run.say(f"{run.out}: no checkpoint yet; starting the run over with its saved config")
+                trim_logs(run.out, lambda r: False, names=("metrics.jsonl",))
+        self._writers = [mlo.JSONLWriter(self.metrics_path)]
+        if run.cfg.logging.tensorboard:
+            self._writers.append(mlo.TensorBoardWriter(os.path.join(run.out, "tensorboard")))
 
     # ------------------------------------------------------------------ arms
     def arm(self, name: str, graph: mlo.Graph, steps: int,
@@ -77,7 +75,7 @@ class Experiment:
         run again on resume: its stored summary is returned.
         """
         if name in self.done:
-            print(f"[{self.app}] {name}: already done, skipped", file=sys.stderr)
+            self.run.say(f"[{self.app}] {name}: already done, skipped")
             return self.done[name]
 
         def add_eval(step: int, row: dict) -> None:
@@ -87,24 +85,29 @@ class Experiment:
                 row.update({f"eval/{k}": float(v) for k, v in evaluate().items()})
 
         def write(step: int, row: dict) -> None:
-            self._jsonl(step, {"arm": name, **row})
+            self._writers[0](step, {"arm": name, **row})
+            for w in self._writers[1:]:      # TensorBoard: one run per arm
+                w(step, {f"{name}/{k}": v for k, v in row.items()})
 
+        earlier = 0.0      # seconds this arm ran before an interruption (kept across resumes)
+        t0 = time.perf_counter()
         runner = mlo.Runner(graph, callbacks=[add_eval, write], log_every=self.log_every,
-                            progress=self.progress, checkpoint=self.ckpt,
+                            progress=self.run.progress, checkpoint=self.run.checkpoint,
                             checkpoint_every=self.checkpoint_every,
-                            extra_state=lambda: {"arm": name, "done": dict(self.done)})
+                            extra_state=lambda: {"arm": name, "done": dict(self.done),
+                                                 "seconds": earlier + time.perf_counter() - t0})
         if self._pending is not None and self._pending[0] == name:
-            runner.load_state_dict(self._pending[1])
-            print(f"[{self.app}] {name}: resuming at step {runner.step}", file=sys.stderr)
+            runner.restore(self._pending[1])
+            earlier = float(self._pending[1].extra.get("seconds", 0.0))
+            self.run.say(f"[{self.app}] {name}: resuming from step {runner.step}")
             self._pending = None
         else:
-            print(f"[{self.app}] {name}: {steps} steps", file=sys.stderr)
-        t0 = time.perf_counter()
+            self.run.say(f"[{self.app}] {name}: {steps} steps")
         runner.run(steps)
         if runner.interrupted:
             raise Interrupted(f"interrupted in arm {name!r} at step {runner.step}")
         result = dict(summary() if summary is not None else {})
-        result.setdefault("time_s", round(time.perf_counter() - t0, 3))
+        result.setdefault("time_s", round(earlier + time.perf_counter() - t0, 3))
         self.done[name] = result
         runner.save()  # the checkpoint now lists this arm as done
         return result
@@ -112,7 +115,8 @@ class Experiment:
     # ------------------------------------------------------------------ outputs
     def finish(self, result: dict, plot: Callable[[str], None] | None = None, plot_name: str = "plot.png") -> dict:
         """Write ``result.json``, ``metrics.csv`` and the plot; return ``result``."""
-        self._jsonl.close()
+        for w in self._writers:
+            w.close()
         write_csv(self.metrics_path, os.path.join(self.out_dir, "metrics.csv"))
         if plot is not None:
             plot(os.path.join(self.out_dir, plot_name))
@@ -123,17 +127,6 @@ class Experiment:
     def rows(self) -> list[dict]:
         """Every metrics row logged so far (all arms)."""
         return read_jsonl(self.metrics_path)
-
-    def _trim_metrics(self, state: dict) -> None:
-        """Drop rows logged after the checkpoint, so a resumed run does not repeat them."""
-        if not os.path.exists(self.metrics_path):
-            return
-        current = state.get("extra", {}).get("arm")
-        step = int(state.get("step", 0))
-        keep = [r for r in read_jsonl(self.metrics_path)
-                if r.get("arm") in self.done or (r.get("arm") == current and r.get("step", 0) <= step)]
-        with open(self.metrics_path, "w", encoding="utf-8") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in keep)
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -174,48 +167,23 @@ def plot_over_seeds(ax, summary: dict[str, dict], name: str, seeds: list, ylabel
     ax.set_title(f"mean ± std over seeds {seeds}")
 
 
-def main_for(app: str, config_cls: type, run: Callable[..., dict], description: str,
-             argv: list[str] | None = None) -> int:
-    """The shared command line: ``--config``, ``--set``, ``--out``, ``--resume``, ``--device``.
+def digits_program(app: str, config_cls: type, description: str, examples: list[list[str]],
+                   plot_name: str) -> Program:
+    """The :class:`Program` of a digits application: ``configs/default.yaml``, ``runs/<app>-<time>``."""
+    return Program(module=f"applications.{app}", config_cls=config_cls, description=description,
+                   default_config=os.path.join(os.path.dirname(__file__), app, "configs", "default.yaml"),
+                   default_out=lambda cfg: os.path.join("runs", f"{app}-{time.strftime('%Y%m%d-%H%M%S')}"),
+                   examples=examples, outputs=(plot_name,))
 
-    ``run(cfg, out_dir, device, resume)`` does the work and returns ``result``.
-    """
-    parser = argparse.ArgumentParser(prog=f"python -m applications.{app}", description=description)
-    add_common_args(parser)
-    parser.add_argument("--no-progress", action="store_true", help="do not print the progress bar")
-    args = parser.parse_args(argv)
-    try:
-        if args.resume:
-            if args.config:
-                raise ConfigError("--resume reuses the run's saved config.yaml; drop --config (use --set to change a value)")
-            if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
-                raise ConfigError("--resume writes to the run's own folder; drop --out")
-            if not any(os.path.exists(os.path.join(args.resume, n)) for n in (CHECKPOINT, CHECKPOINT + ".prev")):
-                raise ConfigError(f"--resume {args.resume}: no {CHECKPOINT} there to resume from")
-            cfg = load_config(config_cls, os.path.join(args.resume, "config.yaml"), args.overrides)
-            out_dir = args.resume
-        else:
-            default = os.path.join(os.path.dirname(__file__), app, "configs", "default.yaml")
-            cfg = load_config(config_cls, args.config or default, args.overrides)
-            out_dir = args.out or os.path.join("runs", f"{app}-{time.strftime('%Y%m%d-%H%M%S')}")
-            if os.path.exists(os.path.join(out_dir, CHECKPOINT)):
-                raise ConfigError(f"{out_dir} already holds a run; continue it with --resume {out_dir} "
-                                  "or choose another --out")
-        device = pick_device(args.device)
-    except (ConfigError, mlo.ConfigError, ValueError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    tune_cpu()
-    torch.set_num_threads(max(1, int(getattr(cfg, "threads", 1))))
-    try:
-        result = run(cfg, out_dir, device, resume=bool(args.resume), progress=not args.no_progress)
-    except Interrupted as exc:
-        print(f"[{app}] {exc}; checkpoint saved, continue with: python -m applications.{app} --resume {out_dir}",
-              file=sys.stderr)
-        return 130
-    except (mlo.MLOError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(result.get("summary", result), indent=1))
-    print(f"[{app}] done -> {out_dir}", file=sys.stderr)
-    return 0
+
+def run_program(program: Program, run_body: Callable[..., dict], argv: list[str] | None = None) -> int:
+    """``cli_main`` for a digits application: one thread per ``cfg.threads``, then ``run_body(run)``."""
+    import torch
+
+    from applications.common import tune_cpu
+
+    def body(run: Run) -> dict:
+        tune_cpu()
+        torch.set_num_threads(max(1, int(getattr(run.cfg, "threads", 1))))
+        return run_body(run)
+    return cli_main(program, body, argv)

@@ -10,6 +10,11 @@ each dataclass's optional ``validate()`` hook for semantic checks. Errors are
 Supported annotations: ``int``, ``float``, ``bool``, ``str``, ``Optional[...]``,
 ``X | Y``, ``list[...]``, ``tuple[...]``, ``dict[str, ...]``, ``Literal[...]``,
 ``Any`` and nested dataclasses.
+
+Why not OmegaConf structured configs (they do the same merge, dotlist and type
+checks): their errors are four lines (key, reference and object types) where these
+are one line listing the valid keys, and they add a dependency (0.18 s import) for
+what 400 lines here do.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import yaml
 
 from mlo.errors import ConfigError as _MLOConfigError
 
-__all__ = ["ConfigError", "load_config", "config_to_dict", "save_config"]
+__all__ = ["ConfigError", "load_config", "config_to_dict", "config_keys", "save_config"]
 
 T = TypeVar("T")
 
@@ -58,7 +63,16 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
     raw: dict = {} if path is None else _read_yaml(path)
     for item in overrides:
         keys, value = _parse_override(item)
-        _check_override_key(cls, keys)
+        depth = _check_override_key(cls, keys)
+        if depth is not None and len(keys) > depth + 1 and isinstance(_get_nested(raw, keys[:depth + 1]), str):
+            # a spec given by name alone ("engine: cg") gets a field: it becomes {name: cg, field: value}
+            _set_nested(raw, keys[:depth + 1], {"name": _get_nested(raw, keys[:depth + 1])})
+        if depth is not None and len(keys) == depth + 2 and keys[-1] == "name":
+            # a new engine name starts a fresh mapping: the old engine's fields may not fit the new one
+            node = _get_nested(raw, keys[:-1])
+            if not isinstance(node, dict) or str(node.get("name")) != str(value):
+                _set_nested(raw, keys[:-1], {"name": value})
+                continue
         _set_nested(raw, keys, value)
     cfg = _build(cls, raw, prefix="")
     _validate(cfg)
@@ -70,6 +84,19 @@ def config_to_dict(cfg: Any) -> dict:
     if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
         raise TypeError(f"config_to_dict needs a dataclass instance, got {cfg!r}")
     return _plain(dataclasses.asdict(cfg))
+
+
+def config_keys(cls: type) -> list[tuple[str, Any]]:
+    """Every leaf key of the config dataclass ``cls`` with its default, as ``("data.seed", 0)`` pairs."""
+    return list(_flat(config_to_dict(cls()), ""))
+
+
+def _flat(tree: dict, prefix: str):
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            yield from _flat(value, _join(prefix, key))
+        else:
+            yield _join(prefix, key), value
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
@@ -90,6 +117,10 @@ def _read_yaml(path: str | os.PathLike) -> dict:
             data = yaml.safe_load(fh)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {os.fspath(path)}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--config {os.fspath(path)}: is a folder; give a YAML file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--config {os.fspath(path)}: cannot read it ({' '.join(str(exc).split())})") from None
     except yaml.YAMLError as exc:
         detail = " ".join(str(exc).split())
         raise ConfigError(f"{os.fspath(path)}: invalid YAML: {detail}") from None
@@ -110,8 +141,11 @@ def _parse_override(item: str) -> tuple[list[str], _CliText]:
     return keys, _CliText(value.strip())
 
 
-def _check_override_key(cls: type, keys: list[str]) -> None:
-    """Fail on an override key that names no field, before it is merged into the raw mapping."""
+def _check_override_key(cls: type, keys: list[str]) -> int | None:
+    """Fail on an override key that names no field, before it is merged into the raw mapping.
+
+    Returns the index in ``keys`` of a free-form mapping field the key reaches into, else ``None``.
+    """
     current: Any = cls
     for depth, name in enumerate(keys):
         if not (isinstance(current, type) and dataclasses.is_dataclass(current)):
@@ -120,7 +154,11 @@ def _check_override_key(cls: type, keys: list[str]) -> None:
         fields = _init_fields(current)
         if name not in fields:
             raise ConfigError(_unknown_key_message(".".join(keys[: depth + 1]), list(fields)))
-        current = _dataclass_in(get_type_hints(current)[name])
+        tp = get_type_hints(current)[name]
+        if _is_mapping(tp):      # a free-form mapping (an engine spec): its own parser checks the keys below
+            return depth
+        current = _dataclass_in(tp)
+    return None
 
 
 def _dataclass_in(tp: Any) -> Any:
@@ -132,6 +170,22 @@ def _dataclass_in(tp: Any) -> Any:
             if isinstance(arg, type) and dataclasses.is_dataclass(arg):
                 return arg
     return tp
+
+
+def _is_mapping(tp: Any) -> bool:
+    """``dict[...]``, or a union with one (``dict[str, Any] | str``)."""
+    if get_origin(tp) is dict or tp is dict:
+        return True
+    return _is_union(tp) and any(_is_mapping(a) for a in get_args(tp))
+
+
+def _get_nested(raw: dict, keys: list[str]) -> Any:
+    node: Any = raw
+    for name in keys:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(name)
+    return node
 
 
 def _set_nested(raw: dict, keys: list[str], value: Any) -> None:
@@ -184,8 +238,13 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
             nested = _dataclass_in(tp)
             default = _default_of(fld)
             if isinstance(value, dict) and dataclasses.is_dataclass(nested) and default is not None:
-                # A partial section keeps the field's own defaults for the keys it leaves out.
-                value = _merge(config_to_dict(default), value)
+                # A partial section keeps the field's own defaults for the keys it leaves out (one level:
+                # nested sections merge with their own defaults when they are built).
+                value = {**config_to_dict(default), **value}
+            elif isinstance(value, dict) and _is_mapping(tp) and isinstance(_plain_default(fld), dict):
+                base = _plain_default(fld)
+                if "name" not in value or str(value["name"]) == str(base.get("name")):
+                    value = _merge(base, value)      # same engine: keep the default's other fields
             kwargs[name] = _coerce(value, tp, key)
         elif fld.default is dataclasses.MISSING and fld.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{key}: missing required value")
@@ -200,6 +259,12 @@ def _default_of(fld: dataclasses.Field) -> Any:
     else:
         return None
     return value if dataclasses.is_dataclass(value) and not isinstance(value, type) else None
+
+
+def _plain_default(fld: dataclasses.Field) -> Any:
+    if fld.default is not dataclasses.MISSING:
+        return fld.default
+    return fld.default_factory() if fld.default_factory is not dataclasses.MISSING else None
 
 
 def _merge(base: dict, update: dict) -> dict:
@@ -235,6 +300,11 @@ def _show(value: Any) -> str:
 
 
 def _yaml_value(text: _CliText) -> Any:
+    for number in (int, float):      # YAML 1.1 reads 1e-6 as a string; a number is meant
+        try:
+            return number(str(text).strip())
+        except ValueError:
+            pass
     try:
         return yaml.safe_load(str(text))
     except yaml.YAMLError:

@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-__all__ = ["tune_cpu"]
+__all__ = ["tune_cpu", "glibc"]
 
 # mallopt parameter numbers from glibc's <malloc.h>.
 M_TRIM_THRESHOLD = -1
@@ -50,7 +50,7 @@ def tune_cpu() -> dict:
             torch.set_flush_denormal(True)   # cheap; someone may have switched it off since
         return dict(_applied)
     result: dict = {"glibc": False, "mmap_threshold": None, "trim_threshold": None}
-    libc = _glibc()
+    libc = glibc()
     if libc is not None:
         result["glibc"] = True
         mallopt = libc.mallopt
@@ -67,14 +67,17 @@ def tune_cpu() -> dict:
     return dict(result)
 
 
-def _glibc():
-    """The process's C library if it is glibc and has ``mallopt``, else ``None``."""
+def glibc():
+    """The process's C library if it is glibc (``mallopt``, ``malloc_trim``), else ``None``.
+
+    Shared with the benchmarks, which trim the heap between memory measurements.
+    """
     if not sys.platform.startswith("linux"):
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     except OSError:
         return None
-    if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
+    if not all(hasattr(libc, name) for name in ("gnu_get_libc_version", "mallopt", "malloc_trim")):
         return None
     return libc

@@ -15,15 +15,16 @@ for each hypergradient engine in ``engines.compare``.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any
 
 import torch
 
 import mlo
 from applications.common import ConfigError
-from applications.experiment import Experiment, main_for
+from applications.common.engines import build_engine, resolve_engine
+from applications.common.run_folder import LoggingConfig, Run
+from applications.experiment import Experiment, digits_program, run_program
 
 from . import problems
 
@@ -49,35 +50,21 @@ class HyperConfig:
     init_weight_decay: float = 0.01
 
 
-@dataclass
-class CGArm:
-    iterations: int = 20
-    damping: float = 0.0
-
-
-@dataclass
-class NeumannArm:
-    iterations: int = 50
-    alpha: Optional[float] = 0.1     # null: the classifier's learning rate
-
-
-@dataclass
-class UnrolledArm:
-    steps: int = 10                  # at most inner.steps
-
-
-@dataclass
-class FiniteDifferenceArm:
-    eps: float = 0.01
+def _fields(**values):
+    return field(default_factory=lambda: dict(values))
 
 
 @dataclass
 class EnginesConfig:
+    """The engines to compare, and each engine's settings: any field of that mlo engine
+    (``--set engines.cg.tol=1e-6``); fields left out keep mlo's defaults."""
+
     compare: list[str] = field(default_factory=lambda: ["cg", "neumann", "unrolled"])
-    cg: CGArm = field(default_factory=CGArm)
-    neumann: NeumannArm = field(default_factory=NeumannArm)
-    unrolled: UnrolledArm = field(default_factory=UnrolledArm)
-    finite_difference: FiniteDifferenceArm = field(default_factory=FiniteDifferenceArm)
+    cg: dict[str, Any] = _fields(iterations=20)
+    neumann: dict[str, Any] = _fields(iterations=50, alpha=0.1)     # alpha null: the classifier's learning rate
+    unrolled: dict[str, Any] = _fields(steps=10)                     # at most inner.steps
+    finite_difference: dict[str, Any] = _fields()
+    first_order: dict[str, Any] = _fields()
 
     def validate(self) -> None:
         for name in self.compare:
@@ -85,10 +72,17 @@ class EnginesConfig:
                 raise ConfigError(f"engines.compare: unknown engine {name!r}; choose from {', '.join(mlo.ENGINES)}")
         if len(set(self.compare)) != len(self.compare):
             raise ConfigError(f"engines.compare: an engine is listed twice: {self.compare}")
+        for name in mlo.ENGINES:
+            settings = getattr(self, name)
+            if settings.get("name", name) != name:
+                raise ConfigError(f"engines.{name}.name: this section configures {name!r}; "
+                                  f"list engines in engines.compare")
+            spec = resolve_engine({**settings, "name": name}, f"engines.{name}")
+            spec.pop("name")
+            setattr(self, name, spec)
 
     def make(self, name: str) -> mlo.Engine:
-        sub = getattr(self, name, None)
-        return mlo.make_engine(name, **(dataclasses.asdict(sub) if sub is not None else {}))
+        return build_engine({**getattr(self, name), "name": name}, f"engines.{name}")
 
 
 @dataclass
@@ -98,6 +92,7 @@ class HPOConfig:
     log_every: int = 10
     checkpoint_every: int = 50
     threads: int = 1                 # these problems are tiny: one thread is fastest
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     data: DataConfig = field(default_factory=DataConfig)
     inner: InnerConfig = field(default_factory=InnerConfig)
     hyper: HyperConfig = field(default_factory=HyperConfig)
@@ -109,18 +104,18 @@ class HPOConfig:
             raise ConfigError(f"outer_steps: must be >= 1, got {self.outer_steps}")
         if not self.weight_decay_grid or min(self.weight_decay_grid) <= 0:
             raise ConfigError(f"weight_decay_grid: needs positive values, got {self.weight_decay_grid}")
-        if "unrolled" in self.engines.compare and self.engines.unrolled.steps > self.inner.steps:
-            raise ConfigError(f"engines.unrolled.steps ({self.engines.unrolled.steps}) cannot exceed "
+        if "unrolled" in self.engines.compare and self.engines.unrolled['steps'] > self.inner.steps:
+            raise ConfigError(f"engines.unrolled.steps ({self.engines.unrolled['steps']}) cannot exceed "
                               f"inner.steps ({self.inner.steps}): it reverses through the last K classifier steps")
         if self.hyper.init_weight_decay <= 0:
             raise ConfigError("hyper.init_weight_decay: must be > 0")
 
 
-def run(cfg: HPOConfig, out_dir: str, device: torch.device, resume: bool = False, progress: bool = True) -> dict:
+def run(r: Run) -> dict:
+    cfg, device = r.cfg, r.device
     data = problems.load_data(cfg.data.seed, cfg.data.train_per_class, cfg.data.val_per_class,
                               cfg.data.noise_features, device)
-    exp = Experiment("hpo", cfg, out_dir, resume=resume, log_every=cfg.log_every,
-                     checkpoint_every=cfg.checkpoint_every, progress=progress)
+    exp = Experiment(r, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every)
     inner = dict(inner_lr=cfg.inner.lr, momentum=cfg.inner.momentum, inner_steps=cfg.inner.steps)
 
     fixed = {}
@@ -207,9 +202,17 @@ def plot(rows: list[dict], result: dict, noise: int, path: str) -> None:
     plt.close(fig)
 
 
+PROGRAM = digits_program(
+    "hpo", HPOConfig, "Learn per-feature weight decay of a digits classifier on validation "
+                    "loss, with each hypergradient engine, against a hand-tuned fixed decay.",
+    examples=[[], ["--config", "applications/hpo/configs/tiny.yaml", "--out", "runs/hpo-tiny"],
+     ["--set", "engines.compare=[cg,unrolled]", "--set", "engines.cg.iterations=40"],
+     ["--resume", "runs/hpo-tiny"]],
+    plot_name="hpo.png")
+
+
 def main(argv: list[str] | None = None) -> int:
-    return main_for("hpo", HPOConfig, run, "Learn per-feature weight decay of a digits classifier on validation "
-                    "loss, with each hypergradient engine, against a hand-tuned fixed decay.", argv)
+    return run_program(PROGRAM, run, argv)
 
 
 if __name__ == "__main__":

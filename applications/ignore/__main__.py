@@ -4,8 +4,7 @@ Examples::
 
     python -m applications.ignore                                  # configs/default.yaml
     python -m applications.ignore --config applications/ignore/configs/tiny.yaml --out runs/ignore-tiny
-    python -m applications.ignore --set engines.pretrain.name=cg --set engines.pretrain.iterations=20 \\
-        --set engines.pretrain.damping=0.01
+    python -m applications.ignore --set engines.pretrain.name=cg --set engines.pretrain.iterations=20
     python -m applications.ignore --resume runs/ignore-...
 
 Arms: ``<method>-seed<s>`` for ``no_ignore`` (all source weights equal, one
@@ -17,16 +16,15 @@ way: a fresh W fine-tuned from its V (``final``), tested on the target test set.
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 from dataclasses import dataclass, field
-from typing import Optional
-
 import torch
 
 import mlo
 from applications.common import ConfigError
-from applications.experiment import Experiment, main_for, over_seeds, plot_over_seeds
+from applications.common.engines import EngineSpec, build_engine, engine_field, resolve_engine
+from applications.common.run_folder import LoggingConfig, Run
+from applications.experiment import Experiment, digits_program, run_program, over_seeds, plot_over_seeds
 
 from . import problems
 
@@ -41,33 +39,18 @@ class DataConfig:
 
 
 @dataclass
-class EngineChoice:
-    """An ``mlo`` engine by name plus its fields; fields the named engine lacks are ignored."""
+class EnginesConfig:
+    """mlo engine specs (``{name: cg, iterations: 20, tol: 1e-6}``); fields left out keep mlo's defaults."""
 
-    name: str = "cg"
-    steps: Optional[int] = None        # unrolled
-    iterations: Optional[int] = None   # cg, neumann
-    damping: Optional[float] = None    # cg
-    alpha: Optional[float] = None      # neumann
-    eps: Optional[float] = None        # finite_difference
-
-    def make(self) -> mlo.Engine:
-        if self.name not in mlo.ENGINES:
-            return mlo.make_engine(self.name)  # raises, naming the valid engines
-        own = {f.name for f in dataclasses.fields(mlo.ENGINES[self.name])}
-        return mlo.make_engine(self.name, **{k: getattr(self, k) for k in own if getattr(self, k, None) is not None})
+    pretrain: EngineSpec = engine_field("unrolled", steps=10)    # dV/dα
+    finetune: EngineSpec = engine_field("cg", iterations=20)     # dW/dV
 
     def validate(self) -> None:
-        try:
-            self.make()
-        except mlo.ConfigError as exc:
-            raise ConfigError(f"engines: {exc}") from None
+        self.pretrain = resolve_engine(self.pretrain, "engines.pretrain")
+        self.finetune = resolve_engine(self.finetune, "engines.finetune")
 
-
-@dataclass
-class EnginesConfig:
-    pretrain: EngineChoice = field(default_factory=lambda: EngineChoice("unrolled", steps=10))   # dV/dα
-    finetune: EngineChoice = field(default_factory=lambda: EngineChoice("cg", iterations=20))    # dW/dV
+    def make(self, level: str) -> mlo.Engine:
+        return build_engine(getattr(self, level), f"engines.{level}")
 
 
 @dataclass
@@ -94,6 +77,7 @@ class IgnoreConfig:
     log_every: int = 10
     checkpoint_every: int = 25
     threads: int = 1
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     data: DataConfig = field(default_factory=DataConfig)
     engines: EnginesConfig = field(default_factory=EnginesConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -105,15 +89,16 @@ class IgnoreConfig:
             raise ConfigError(f"methods: expected a non-empty list of {', '.join(problems.METHODS)}, got {self.methods}")
         if not self.seeds:
             raise ConfigError("seeds: give at least one seed")
-        for level, engine in (("pretrain", self.engines.pretrain), ("finetune", self.engines.finetune)):
-            budget = getattr(self.train, f"{level}_steps")
-            if engine.name == "unrolled" and (engine.steps or 1) > budget:
-                raise ConfigError(f"engines.{level}.steps ({engine.steps}) cannot exceed train.{level}_steps ({budget})")
+        for level in ("pretrain", "finetune"):
+            engine, budget = getattr(self.engines, level), getattr(self.train, f"{level}_steps")
+            if engine["name"] == "unrolled" and engine["steps"] > budget:
+                raise ConfigError(f"engines.{level}.steps ({engine['steps']}) cannot exceed "
+                                  f"train.{level}_steps ({budget})")
 
 
-def run(cfg: IgnoreConfig, out_dir: str, device: torch.device, resume: bool = False, progress: bool = True) -> dict:
-    exp = Experiment("ignore", cfg, out_dir, resume=resume, log_every=cfg.log_every,
-                     checkpoint_every=cfg.checkpoint_every, progress=progress)
+def run(r: Run) -> dict:
+    cfg, device = r.cfg, r.device
+    exp = Experiment(r, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every)
     t, final = cfg.train, dict(steps=cfg.final.steps, lr=cfg.train.lr, momentum=cfg.train.momentum,
                                gamma=cfg.train.gamma)
     per_seed: dict[str, dict[int, dict]] = {m: {} for m in ("target_only", *cfg.methods)}
@@ -127,7 +112,7 @@ def run(cfg: IgnoreConfig, out_dir: str, device: torch.device, resume: bool = Fa
         for method in cfg.methods:
             torch.manual_seed(seed)
             graph, V, W, alpha = problems.build_graph(
-                data, method, pretrain_engine=cfg.engines.pretrain.make(), finetune_engine=cfg.engines.finetune.make(),
+                data, method, pretrain_engine=cfg.engines.make("pretrain"), finetune_engine=cfg.engines.make("finetune"),
                 pretrain_steps=t.pretrain_steps, finetune_steps=t.finetune_steps, lr=t.lr, momentum=t.momentum,
                 ignore_lr=t.ignore_lr, gamma=t.gamma, source_decay=t.source_decay)
 
@@ -199,9 +184,17 @@ def plot(rows: list[dict], result: dict, path: str) -> None:
     plt.close(fig)
 
 
+PROGRAM = digits_program(
+    "ignore", IgnoreConfig, "Learning by ignoring on digits: a three-level program "
+                    "(pretrain, fine-tune, source weights) vs its two-level ablation.",
+    examples=[[], ["--config", "applications/ignore/configs/tiny.yaml", "--out", "runs/ignore-tiny"],
+     ["--set", "engines.pretrain.name=cg", "--set", "engines.pretrain.iterations=20"],
+     ["--resume", "runs/ignore-tiny"]],
+    plot_name="ignore.png")
+
+
 def main(argv: list[str] | None = None) -> int:
-    return main_for("ignore", IgnoreConfig, run, "Learning by ignoring on digits: a three-level program "
-                    "(pretrain, fine-tune, source weights) vs its two-level ablation.", argv)
+    return run_program(PROGRAM, run, argv)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from applications.common import ConfigError
+from applications.common.engines import EngineSpec, build_engine, engine_field, resolve_engine
+from applications.common.run_folder import LoggingConfig
 
-from .spaces import PDartsSchedule
-
-ENGINE_NAMES = ("first_order", "unrolled", "finite_difference", "neumann", "cg")
+from .data import DATASETS, FOLDER_DATASETS
+from .spaces import SPACES, PDartsSchedule
 
 
 def _need(ok: bool, key: str, what: str, value) -> None:
@@ -37,29 +38,39 @@ def _at_least(key: str, value: int, low: int) -> None:
 
 @dataclass
 class DataConfig:
-    name: Literal["digits", "cifar10", "cifar100", "imagenet"] = "digits"
+    """Which data, shared by the search and ``applications.lease.train`` (see ``data.load_dataset``)."""
+
+    name: str = "digits"                # one of data.DATASETS
     root: Optional[str] = None          # folder with the data (CIFAR/ImageNet)
     download: bool = False              # fetch CIFAR into root when missing
     seed: int = 0                       # fixes the split
-    batch_size: int = 32
     subset_fraction: Optional[float] = None   # per-class fraction of train/val (quick runs)
     augment: bool = True
     num_workers: int = 0
 
     def validate(self):
-        _at_least("data.batch_size", self.batch_size, 1)
+        _need(self.name in DATASETS, "data.name", f"one of {', '.join(DATASETS)}", self.name)
         _at_least("data.seed", self.seed, 0)
         _at_least("data.num_workers", self.num_workers, 0)
         if self.subset_fraction is not None:
             _need(0 < self.subset_fraction <= 1, "data.subset_fraction", "a number in (0, 1] or null",
                   self.subset_fraction)
-        if self.name != "digits" and self.root is None:
+        if self.name in FOLDER_DATASETS and self.root is None:
             raise ConfigError(f"data.root: dataset {self.name!r} needs a data folder (--set data.root=DIR)")
 
 
 @dataclass
+class SearchDataConfig(DataConfig):
+    batch_size: int = 32
+
+    def validate(self):
+        super().validate()
+        _at_least("data.batch_size", self.batch_size, 1)
+
+
+@dataclass
 class SpaceConfig:
-    name: Literal["darts", "pcdarts", "pdarts"] = "darts"
+    name: str = "darts"                 # a key of applications.lease.spaces.SPACES
     C: int = 8                          # initial channels
     layers: int = 3                     # cells (P-DARTS: overridden by pdarts.cells per stage)
     nodes: int = 4                      # intermediate nodes per cell
@@ -68,6 +79,8 @@ class SpaceConfig:
     stem: Literal["cifar", "imagenet"] = "cifar"
 
     def validate(self):
+        if self.name not in SPACES:
+            raise ConfigError(f"space.name: expected one of {', '.join(repr(k) for k in SPACES)}, got {self.name!r}")
         for f in ("C", "layers", "nodes", "stem_multiplier", "pc_k"):
             if getattr(self, f) < 1:
                 raise ConfigError(f"space.{f}: expected an integer >= 1, got {getattr(self, f)}")
@@ -87,7 +100,8 @@ class AudienceConfig:
 
 @dataclass
 class OptimConfig:
-    """SGD with momentum for weights (explainer E, audience W), cosine-annealed per step."""
+    """SGD with momentum, cosine-annealed: the search's weights (explainer E, audience W); the
+    training program extends it with its epochs and schedules."""
 
     lr: float = 0.025
     lr_min: float = 0.001
@@ -113,9 +127,12 @@ class ArchOptimConfig:
     beta1: float = 0.5
     beta2: float = 0.999
     weight_decay: float = 1e-3
+    init_seed: Optional[int] = None     # own seed for the alpha initialisation (None: drawn after `seed`)
 
     def validate(self):
         _positive("arch.lr", self.lr)
+        if self.init_seed is not None:
+            _at_least("arch.init_seed", self.init_seed, 0)
         for f in ("beta1", "beta2"):
             _need(0 <= getattr(self, f) < 1, f"arch.{f}", "a number in [0, 1)", getattr(self, f))
         _nonnegative("arch.weight_decay", self.weight_decay)
@@ -140,49 +157,29 @@ class ExplainConfig:
 
 
 @dataclass
-class EngineConfig:
-    name: str = "finite_difference"
-    eps: float = 0.01                   # finite_difference
-    steps: int = 1                      # unrolled
-    iterations: int = 5                 # neumann / cg
-    alpha: Optional[float] = None       # neumann
-    damping: float = 0.0                # cg
-
-    def check(self, edge: str):
-        """Called by ``SearchConfig.validate`` with the edge's name (explainer / explanation / audience)."""
-        key = f"engines.{edge}"
-        if self.name not in ENGINE_NAMES:
-            raise ConfigError(f"{key}.name: unknown engine {self.name!r}; choose one of {', '.join(ENGINE_NAMES)}")
-        _positive(f"{key}.eps", self.eps)
-        _at_least(f"{key}.iterations", self.iterations, 1 if self.name == "cg" else 0)
-        if self.alpha is not None:
-            _positive(f"{key}.alpha", self.alpha)
-        _nonnegative(f"{key}.damping", self.damping)
-        # every LeaSE problem takes one optimizer step per outer step (PGD's explanation edge is first order)
-        _need(self.steps == 1, f"{key}.steps", "1 (each LeaSE problem takes one step per iteration, so "
-              "unrolled differentiates that one step)", self.steps)
-        import mlo
-        try:
-            self.build()
-        except mlo.MLOError as e:
-            raise ConfigError(f"{key}: {e}") from None
-
-    def build(self):
-        import mlo
-        fields = {"first_order": {}, "unrolled": {"steps": self.steps},
-                  "finite_difference": {"eps": self.eps},
-                  "neumann": {"iterations": self.iterations, "alpha": self.alpha},
-                  "cg": {"iterations": self.iterations, "damping": self.damping}}[self.name]
-        return mlo.make_engine(self.name, **fields)
-
-
-@dataclass
 class EnginesConfig:
-    """Engine per edge (the paper: one-step unrolled with finite-difference products)."""
+    """Engine per edge (the paper: one-step unrolled with finite-difference products).
 
-    explainer: EngineConfig = field(default_factory=EngineConfig)     # E' w.r.t. A
-    explanation: EngineConfig = field(default_factory=EngineConfig)   # Δ' w.r.t. E'
-    audience: EngineConfig = field(default_factory=EngineConfig)      # W' w.r.t. Δ'
+    Each is an mlo engine spec, ``{name: cg, iterations: 20, tol: 1e-6}`` (or just a
+    name); every field of the engine can be set and the rest keep mlo's defaults.
+    """
+
+    explainer: EngineSpec = engine_field("finite_difference")     # E' w.r.t. A
+    explanation: EngineSpec = engine_field("finite_difference")   # Δ' w.r.t. E'
+    audience: EngineSpec = engine_field("finite_difference")      # W' w.r.t. Δ'
+
+    def validate(self):
+        for edge in ("explainer", "explanation", "audience"):
+            spec = resolve_engine(getattr(self, edge), f"engines.{edge}")
+            # every LeaSE problem takes one optimizer step per outer step (PGD's explanation edge is first order)
+            if spec["name"] == "unrolled":
+                _need(spec["steps"] == 1, f"engines.{edge}.steps", "1 (each LeaSE problem takes one step per "
+                      "iteration, so unrolled differentiates that one step)", spec["steps"])
+            setattr(self, edge, spec)
+
+    def build(self, edge: str):
+        """The mlo engine of ``edge`` (explainer, explanation or audience)."""
+        return build_engine(getattr(self, edge), f"engines.{edge}")
 
 
 @dataclass
@@ -202,7 +199,7 @@ class SearchConfig:
     nan_policy: Literal["raise", "skip", "off"] = "raise"   # NaN/Inf in a loss or hypergradient: stop / skip it
     log_every: int = 5
     checkpoint_every: int = 50
-    data: DataConfig = field(default_factory=DataConfig)
+    data: SearchDataConfig = field(default_factory=SearchDataConfig)
     space: SpaceConfig = field(default_factory=SpaceConfig)
     pdarts: PDartsSchedule = field(default_factory=PDartsSchedule)   # P-DARTS stages (its own epochs)
     audience: AudienceConfig = field(default_factory=AudienceConfig)
@@ -211,6 +208,7 @@ class SearchConfig:
     arch: ArchOptimConfig = field(default_factory=ArchOptimConfig)
     explain: ExplainConfig = field(default_factory=ExplainConfig)
     engines: EnginesConfig = field(default_factory=EnginesConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self):
         _at_least("epochs", self.epochs, 1)
@@ -230,5 +228,3 @@ class SearchConfig:
             raise ConfigError(f"bf16: autocast needs float32 parameters (the master values); got dtype={self.dtype}")
         self.weights.check("weights")
         self.audience_optim.check("audience_optim")
-        for edge in ("explainer", "explanation", "audience"):
-            getattr(self.engines, edge).check(edge)

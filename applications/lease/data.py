@@ -22,7 +22,6 @@ A missing or malformed root raises :class:`DatasetNotFoundError` /
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import pickle
 from dataclasses import dataclass
@@ -31,6 +30,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from applications.digits import arrays as digits_arrays
+from applications.digits import stratified_split
 
 __all__ = [
     "DATASETS",
@@ -46,7 +48,8 @@ __all__ = [
     "digits_arrays",
 ]
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagenet")
+DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagenet")   # synthetic: see synthetic.py
+FOLDER_DATASETS = ("cifar10", "cifar100", "imagenet")   # read from a data folder (data.root)
 
 CIFAR_STATS = {
     "cifar10": ((0.49139968, 0.48215827, 0.44653124), (0.24703233, 0.24348505, 0.26158768)),
@@ -211,33 +214,6 @@ class Compose:
 # --------------------------------------------------------------------------- splitting
 
 
-def stratified_split(labels: Sequence[int], fractions: Sequence[float], seed: int) -> list[np.ndarray]:
-    """Split example indices into parts with the given fractions of *each class*, seeded.
-
-    Fractions may sum to less than 1 (the rest is unused). Every part gets at least
-    one example of a class that has enough examples. Indices come back sorted.
-    """
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    parts: list[list[np.ndarray]] = [[] for _ in fractions]
-    bounds = np.cumsum([0.0, *fractions])
-    if bounds[-1] > 1.0 + 1e-9:
-        raise ValueError(f"fractions sum to more than 1: {list(fractions)}")
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        idx = idx[rng.permutation(len(idx))]
-        n = len(idx)
-        cuts = [int(round(b * n)) for b in bounds]
-        for k in range(len(fractions)):
-            # at least one per part when possible, without overlapping the next part
-            lo, hi = cuts[k], cuts[k + 1]
-            if hi <= lo and fractions[k] > 0 and lo < n:
-                hi = lo + 1
-                cuts[k + 1] = max(cuts[k + 1], hi)
-            parts[k].append(idx[lo:hi])
-    return [np.sort(np.concatenate(p)) if p else np.zeros(0, dtype=np.int64) for p in parts]
-
-
 def _subsample(indices: np.ndarray, labels: np.ndarray, fraction: float | None, seed: int) -> np.ndarray:
     if fraction is None or fraction >= 1.0 or len(indices) == 0:
         return indices
@@ -246,26 +222,6 @@ def _subsample(indices: np.ndarray, labels: np.ndarray, fraction: float | None, 
 
 
 # --------------------------------------------------------------------------- digits
-
-
-def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's bundled digits as ``(pixels (1797, 64) in 0..16, labels (1797,))``.
-
-    Reads the CSV that scikit-learn ships (what ``load_digits`` reads) without
-    importing scikit-learn, which saves seconds of start-up; falls back to
-    ``sklearn.datasets.load_digits`` if the file is not where expected.
-    """
-    spec = importlib.util.find_spec("sklearn")
-    if spec is not None and spec.origin:
-        path = os.path.join(os.path.dirname(spec.origin), "datasets", "data", "digits.csv.gz")
-        if os.path.isfile(path):
-            table = np.loadtxt(path, delimiter=",")
-            if table.shape == (1797, 65):
-                return table[:, :-1], table[:, -1].astype(np.int64)
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    return np.asarray(bunch.data), np.asarray(bunch.target, dtype=np.int64)
 
 
 def _load_digits(seed: int, full_train: bool, subset_fraction: float | None, cutout: int) -> DataSplits:
@@ -499,6 +455,9 @@ def load_dataset(
     root = os.fspath(root) if root is not None else None
     if key == "digits":
         return _load_digits(seed, full_train, subset_fraction, cutout)
+    if key == "synthetic":
+        from .synthetic import load_synthetic
+        return load_synthetic(seed, full_train, subset_fraction, cutout)
     if key in ("cifar10", "cifar100"):
         if not 0.0 < train_portion < 1.0:
             raise ValueError(f"train_portion must be in (0, 1), got {train_portion}")

@@ -48,7 +48,12 @@ def explanation_loss(logits_perturbed: Tensor, logits_clean: Tensor) -> Tensor:
 
 class SignedProjected(torch.optim.Optimizer):
     """PGD on a bank: ``δ ← clip(δ − α·sign(grad), −ε, ε)`` (descends on the signed loss,
-    i.e. ascends the explanation loss). Rows with a zero gradient do not move."""
+    i.e. ascends the explanation loss). Rows with a zero gradient do not move.
+
+    ``row_step`` is the same update on the rows a row-sparse bank's batch names (what
+    ``mlo`` calls for ``Problem(rows=...)``); the rows it does not name are not
+    projected either, which differs from ``step`` only for rows outside the ε-box
+    (a bank initialised wider than ``eps``)."""
 
     def __init__(self, params, lr: float, eps: float):
         if lr <= 0 or eps <= 0:
@@ -61,3 +66,8 @@ class SignedProjected(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is not None:
                     p.sub_(group["lr"] * torch.sign(p.grad)).clamp_(-group["eps"], group["eps"])
+
+    @torch.no_grad()
+    def row_step(self, group: dict, param: Tensor, rows: Tensor, grad: Tensor) -> None:
+        """``step`` on the rows ``rows`` of ``param`` (``grad``: their gradient, one row each)."""
+        param[rows] = (param[rows] - group["lr"] * torch.sign(grad)).clamp_(-group["eps"], group["eps"])

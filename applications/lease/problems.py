@@ -1,7 +1,8 @@
 """The four LeaSE problems (paper Eq. 5, Algorithm 1), declared on the public mlo API.
 
     E'  = E − ξ_E ∇_E  CE(f(x; E, A), y)                       explainer learns      (min, reads A)
-    Δ'  = Δ + ξ_Δ ∇_Δ  Σ_i CE(f(x_i+δ_i; E'), f(x_i; E'))        explainer explains    (max, reads E')
+    Δ'  = Δ + ξ_Δ ∇_Δ  Σ_i CE(f(x_i+δ_i; E'), f(x_i; E'))        explainer explains    (max, reads E';
+                                                                 A is a declared constant)
     W'  = W − ξ_W ∇_W  CE(g(x ⊙ δ'; W), y)                      audience learns       (min, reads Δ')
     A  ← A − η ∇_A [CE(f(x_v; E', A), y_v) + γ CE(g(x_v; W'), y_v)]   architecture  (min, reads E', W')
 
@@ -56,9 +57,21 @@ def _sgd(cfg, total_steps: int):
     return make, schedule
 
 
+def bank_rows(batch) -> torch.Tensor:
+    """The bank rows a ``(x, y, index)`` batch reads: its example indices."""
+    return batch[2]
+
+
 def build_problems(cfg: SearchConfig, explainer: nn.Module, audience: nn.Module | None,
-                   bank: torch.Tensor | None, loaders: Loaders, total_steps: int) -> list[mlo.Problem]:
-    """The LeaSE problems (or the baseline's two) in execution order."""
+                   bank: torch.Tensor | None, loaders: Loaders, total_steps: int,
+                   sparse_bank: bool = True) -> list[mlo.Problem]:
+    """The LeaSE problems (or the baseline's two) in execution order.
+
+    The explanation problem declares the bank row-sparse (``mlo.Problem(rows=...)``): each step
+    only the batch's rows are gathered, differentiated and updated. ``sparse_bank=False``
+    declares it one dense parameter (the same results; every step then costs a bank-sized
+    gradient, update and engine vectors — kept for the benchmarks' comparison).
+    """
     lease = cfg.mode == "lease"
     # bf16 autocast on the real steps (CUDA, or CPU); the engines' passes run on the fp32 master values
     autocast = mlo.precision.Autocast(next(explainer.parameters()).device.type, enabled=cfg.bf16)
@@ -108,7 +121,7 @@ def build_problems(cfg: SearchConfig, explainer: nn.Module, audience: nn.Module 
     sgd_e, sched_e = _sgd(cfg.weights, total_steps)
     problems = [mlo.Problem(
         "explainer", dict(explainer.named_weight_parameters()), explainer_loss, sgd_e, scheduler=sched_e,
-        data=loaders.explainer_train, reads=["architecture"], engine=cfg.engines.explainer.build(),
+        data=loaders.explainer_train, reads=["architecture"], engine=cfg.engines.build("explainer"),
         grad_clip=cfg.weights.grad_clip, modules=[explainer])]
     if lease:
         pgd = cfg.explain.method == "pgd"
@@ -118,12 +131,13 @@ def build_problems(cfg: SearchConfig, explainer: nn.Module, audience: nn.Module 
             opt = lambda p: torch.optim.SGD(p, lr=cfg.explain.lr)  # noqa: E731
         problems.append(mlo.Problem(
             "explanation", bank, explanation_loss, opt, data=loaders.audience_train, reads=["explainer"],
-            mode="max", steps=cfg.explain.pgd_steps if pgd else 1,
-            engine=mlo.FirstOrder() if pgd else cfg.engines.explanation.build()))
+            constants=["architecture"], mode="max", steps=cfg.explain.pgd_steps if pgd else 1,
+            engine=mlo.FirstOrder() if pgd else cfg.engines.build("explanation"),
+            rows=bank_rows if sparse_bank else None))
         sgd_w, sched_w = _sgd(cfg.audience_optim, total_steps)
         problems.append(mlo.Problem(
             "audience", audience, audience_loss, sgd_w, scheduler=sched_w, data=mlo.SameBatch("explanation"),
-            reads=["explanation"], engine=cfg.engines.audience.build(), grad_clip=cfg.audience_optim.grad_clip))
+            reads=["explanation"], engine=cfg.engines.build("audience"), grad_clip=cfg.audience_optim.grad_clip))
     a = cfg.arch
     reads = (["explainer"] if not cfg.audience_only else []) + (["audience"] if lease else [])
     problems.append(mlo.Problem(

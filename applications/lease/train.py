@@ -29,23 +29,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from applications.common import (
-    CheckpointError,
-    ConfigError,
-    add_common_args,
-    load_checkpoint,
-    load_config,
-    pick_device,
-    save_checkpoint,
-    save_config,
-    tune_cpu,
-)
+from applications.common import ConfigError, load_checkpoint, save_checkpoint, save_config, tune_cpu
+from applications.common.run_folder import Interrupted, LoggingConfig, Program, Run, cli_main, trim_logs
 
-from .data import DATASETS, DatasetFormatError, DatasetNotFoundError, load_dataset
+from . import config as search_config
+from .data import DatasetFormatError, load_dataset
 from .models.eval_net import build_eval_net, count_parameters
 from .spaces.genotype import Genotype, genotype_from_json, genotype_to_json, get_genotype
 
-__all__ = ["DataConfig", "ModelConfig", "OptimConfig", "TrainConfig", "lr_at", "train", "main"]
+__all__ = ["TrainDataConfig", "ModelConfig", "TrainOptimConfig", "TrainConfig", "lr_at", "train", "main"]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -54,29 +46,17 @@ CHECKPOINT = "checkpoint.pt"
 
 
 @dataclass
-class DataConfig:
-    """Which data to train on; see :func:`applications.lease.data.load_dataset`."""
+class TrainDataConfig(search_config.DataConfig):
+    """The search's data settings plus what training from scratch adds."""
 
-    name: Literal["digits", "cifar10", "cifar100", "imagenet"] = "digits"
-    root: Optional[str] = None
-    download: bool = False
-    augment: bool = True
     cutout: int = 0
     full_train: bool = True
-    subset_fraction: Optional[float] = None
     image_size: Optional[int] = None
-    num_workers: int = 0
-    seed: int = 0
 
     def validate(self) -> None:
-        if self.name not in DATASETS:
-            raise ConfigError(f"data.name: expected one of {', '.join(DATASETS)}, got {self.name!r}")
+        super().validate()
         if self.cutout < 0:
             raise ConfigError(f"data.cutout: must be >= 0, got {self.cutout}")
-        if self.num_workers < 0:
-            raise ConfigError(f"data.num_workers: must be >= 0, got {self.num_workers}")
-        if self.subset_fraction is not None and not 0.0 < self.subset_fraction <= 1.0:
-            raise ConfigError(f"data.subset_fraction: must be in (0, 1], got {self.subset_fraction}")
 
 
 @dataclass
@@ -101,34 +81,29 @@ class ModelConfig:
 
 
 @dataclass
-class OptimConfig:
-    """SGD with momentum, a per-epoch learning-rate schedule and gradient clipping."""
+class TrainOptimConfig(search_config.OptimConfig):
+    """The search's SGD settings plus epochs, batch sizes and a per-epoch schedule."""
 
+    lr_min: float = 0.0
     epochs: int = 600
     batch_size: int = 96
     eval_batch_size: Optional[int] = None
-    lr: float = 0.025
-    lr_min: float = 0.0
     schedule: Literal["cosine", "linear", "step"] = "cosine"
     step_gamma: float = 0.97
     warmup_epochs: int = 0
-    momentum: float = 0.9
-    weight_decay: float = 3e-4
-    grad_clip: float = 5.0
     label_smoothing: float = 0.0
     eval_every: int = 1
 
     def validate(self) -> None:
+        self.check("train")
         if self.epochs < 1:
             raise ConfigError(f"train.epochs: must be >= 1, got {self.epochs}")
         if self.batch_size < 1 or (self.eval_batch_size is not None and self.eval_batch_size < 1):
             raise ConfigError(f"train.batch_size: must be >= 1, got {self.batch_size}")
-        if self.lr <= 0 or self.lr_min < 0:
-            raise ConfigError(f"train.lr: must be > 0 (and lr_min >= 0), got lr={self.lr}, lr_min={self.lr_min}")
         if not 0 <= self.warmup_epochs < self.epochs:
             raise ConfigError(f"train.warmup_epochs: must be in [0, epochs), got {self.warmup_epochs}")
-        if self.weight_decay < 0 or self.grad_clip < 0 or not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError("train: weight_decay and grad_clip must be >= 0 and label_smoothing in [0, 1)")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"train.label_smoothing: must be in [0, 1), got {self.label_smoothing}")
         if self.eval_every < 1:
             raise ConfigError(f"train.eval_every: must be >= 1, got {self.eval_every}")
 
@@ -137,13 +112,14 @@ class OptimConfig:
 class TrainConfig:
     """Everything ``applications.lease.train`` needs."""
 
-    data: DataConfig = field(default_factory=DataConfig)
+    data: TrainDataConfig = field(default_factory=TrainDataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    train: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainOptimConfig = field(default_factory=TrainOptimConfig)
     seed: int = 0
     #: CPU threads for PyTorch (None: PyTorch's default, one per core). On a shared,
     #: busy machine 1 avoids threads stalling each other at every op.
     threads: Optional[int] = None
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self) -> None:
         if self.threads is not None and self.threads < 1:
@@ -153,7 +129,7 @@ class TrainConfig:
 # --------------------------------------------------------------------------- pieces
 
 
-def lr_at(cfg: OptimConfig, epoch: int) -> float:
+def lr_at(cfg: TrainOptimConfig, epoch: int) -> float:
     """Learning rate for ``epoch`` (0-based): linear warm-up, then cosine, linear or step decay."""
     if epoch < cfg.warmup_epochs:
         return cfg.lr * (epoch + 1) / cfg.warmup_epochs
@@ -216,19 +192,7 @@ def _resolve_stem(cfg: TrainConfig) -> bool:
     return cfg.model.stem == "imagenet"
 
 
-def _read_metrics(path: str, before_epoch: int) -> list[str]:
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as fh:
-        lines = [ln for ln in fh if ln.strip()]
-    return [ln for ln in lines if json.loads(ln).get("epoch", 0) < before_epoch]
-
-
 # --------------------------------------------------------------------------- the loop
-
-
-class _Interrupted(Exception):
-    """Ctrl-C arrived; the checkpoint has been written."""
 
 
 def train(cfg: TrainConfig, out_dir: str, device: torch.device, resume: bool = False,
@@ -270,13 +234,11 @@ def train(cfg: TrainConfig, out_dir: str, device: torch.device, resume: bool = F
     with open(os.path.join(out_dir, "genotype.json"), "w", encoding="utf-8") as fh:
         json.dump(genotype_to_json(genotype), fh, indent=1)
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    kept = _read_metrics(metrics_path, start_epoch)
-    with open(metrics_path, "w", encoding="utf-8") as fh:
-        fh.writelines(kept)
+    trim_logs(out_dir, lambda row: row.get("epoch", 0) < start_epoch, names=("metrics.jsonl",))
 
     print(f"[train] {cfg.data.name}: {len(splits.train)} train / {len(splits.test)} test examples; "
           f"{params:,} parameters (without auxiliary head); device {device}"
-          + (f"; resuming at epoch {start_epoch + 1}" + (f", batch {skip}" if skip else "") if state is not None else ""),
+          + (f"; resuming from epoch {start_epoch + 1}" + (f", batch {skip}" if skip else "") if state is not None else ""),
           flush=True)
 
     def checkpoint(epoch: int, batch: int, sums: dict | None) -> None:
@@ -335,7 +297,7 @@ def train(cfg: TrainConfig, out_dir: str, device: torch.device, resume: bool = F
 
 def _train_epoch(model, optimizer, criterion, cfg: TrainConfig, dataset: Dataset, epoch: int, skip: int,
                  partial: dict | None, device: torch.device, checkpoint) -> dict:
-    """One pass over the training data; on Ctrl-C, checkpoint the position and raise :class:`_Interrupted`."""
+    """One pass over the training data; on Ctrl-C, checkpoint the position and raise :class:`Interrupted`."""
     model.train()
     loss_sum = torch.zeros((), device=device)
     wrong = torch.zeros((), device=device)
@@ -356,7 +318,7 @@ def _train_epoch(model, optimizer, criterion, cfg: TrainConfig, dataset: Dataset
                 loss = loss + aux_w * criterion(logits_aux, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if cfg.train.grad_clip > 0:
+            if cfg.train.grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             optimizer.step()
             loss_sum += loss.detach() * len(y)
@@ -365,7 +327,7 @@ def _train_epoch(model, optimizer, criterion, cfg: TrainConfig, dataset: Dataset
             batch += 1
     except KeyboardInterrupt:
         checkpoint(epoch, batch, {"loss": float(loss_sum), "wrong": float(wrong), "n": n})
-        raise _Interrupted(f"interrupted in epoch {epoch + 1} after {batch} batches") from None
+        raise Interrupted(f"interrupted in epoch {epoch + 1} after {batch} batches") from None
     return {"loss": float(loss_sum), "wrong": float(wrong), "n": n}
 
 
@@ -377,58 +339,46 @@ def _default_out(cfg: TrainConfig) -> str:
     return os.path.join("runs", "lease-train", f"{cfg.data.name}-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m applications.lease.train",
-        description="Train the evaluation network of a genotype from scratch and report its test error.",
-    )
+def _genotype_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--genotype", default=None,
-                        help="published genotype (DARTS_V1, DARTS_V2, PC_DARTS, PC_DARTS_IMAGENET, P_DARTS) or a JSON file; "
-                             "same as --set model.genotype=...")
-    add_common_args(parser)
-    return parser.parse_args(argv)
+                        help="published genotype (DARTS_V1, DARTS_V2, PC_DARTS, PC_DARTS_IMAGENET, P_DARTS) or a JSON "
+                             "file; same as --set model.genotype=...")
+
+
+def _genotype_override(args: argparse.Namespace) -> list[str]:
+    if args.genotype is None:
+        return []
+    if args.resume:
+        raise ConfigError("--resume trains the genotype the run started with; drop --genotype")
+    return [f"model.genotype={args.genotype}"]
+
+
+PROGRAM = Program(
+    module="applications.lease.train", config_cls=TrainConfig, default_config=None, default_out=_default_out,
+    description="Train the evaluation network of a genotype from scratch and report its test error.",
+    examples=[["--genotype", "DARTS_V2", "--config", "applications/lease/configs/train_digits.yaml"],
+              ["--genotype", "runs/lease-digits/genotype.json", "--config",
+               "applications/lease/configs/train_cifar10.yaml", "--set", "data.root=data", "--out", "runs/c10"],
+              ["--resume", "runs/c10"]],
+    outputs=("genotype.json",), extra_args=_genotype_flag, overrides_from_args=_genotype_override)
+
+
+def _train(run: Run) -> dict:
+    try:
+        genotype = None if run.resume else get_genotype(run.cfg.model.genotype)   # fail fast on a bad name or file
+    except ValueError as e:
+        raise ConfigError(f"model.genotype: {e}") from None
+    run.start()
+    tune_cpu()
+    try:
+        return train(run.cfg, run.out, run.device, resume=run.resume and os.path.exists(run.checkpoint),
+                     genotype=genotype)
+    except DatasetFormatError as e:
+        raise ConfigError(f"data.root: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    overrides = list(args.overrides)
-    if args.genotype is not None:
-        overrides.append(f"model.genotype={args.genotype}")
-    try:
-        if args.resume:
-            if args.config or args.genotype:
-                raise ConfigError("--resume reuses the run's saved config.yaml and genotype; drop --config/--genotype "
-                                  "(use --set to change a training value)")
-            if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
-                raise ConfigError("--resume writes to the run's own folder; drop --out")
-            saved = os.path.join(args.resume, "config.yaml")
-            if not os.path.exists(os.path.join(args.resume, CHECKPOINT)) and not os.path.exists(
-                    os.path.join(args.resume, CHECKPOINT + ".prev")):
-                raise ConfigError(f"--resume {args.resume}: no {CHECKPOINT} there to resume from")
-            cfg = load_config(TrainConfig, saved, overrides)
-            out_dir = args.resume
-            genotype = None
-        else:
-            cfg = load_config(TrainConfig, args.config, overrides)
-            genotype = get_genotype(cfg.model.genotype)  # fail fast on a bad name or file
-            out_dir = args.out or _default_out(cfg)
-            if os.path.exists(os.path.join(out_dir, CHECKPOINT)):
-                raise ConfigError(f"{out_dir} already holds a run; continue it with --resume {out_dir} or choose another --out")
-        device = pick_device(args.device)
-    except (ConfigError, ValueError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    tune_cpu()
-    try:
-        train(cfg, out_dir, device, resume=bool(args.resume), genotype=genotype)
-    except _Interrupted as exc:
-        print(f"[train] {exc}; checkpoint saved, continue with: python -m applications.lease.train --resume {out_dir}",
-              file=sys.stderr)
-        return 130
-    except (DatasetNotFoundError, DatasetFormatError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return cli_main(PROGRAM, _train, argv)
 
 
 if __name__ == "__main__":

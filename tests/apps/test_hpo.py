@@ -1,4 +1,4 @@
-"""End to end: ``python -m applications.hpo`` on configs/tiny.yaml (in-process, a few seconds).
+"""End to end: ``python -m applications.hpo`` on configs/tiny.yaml (in a child process, a few seconds).
 
 Direction checked: every learned per-feature decay ends with a lower validation
 loss and a higher test accuracy than the best fixed decay of the grid, and
@@ -11,11 +11,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
 from applications.hpo import __main__ as cli
-from applications.hpo import problems
+from tests.subproc import ROOT, child_env, describe, run_module
 
 from .helpers import check_outputs, doc_code_is_current, tiny
 
@@ -37,7 +40,7 @@ def _result(out_dir):
 
 def test_tiny_run_learns_better_decays_than_hand_tuned(tmp_path):
     out = str(tmp_path / "run")
-    assert cli.main(["--config", tiny("hpo"), "--out", out, *ARGS]) == 0
+    run_module("applications.hpo", ["--config", tiny("hpo"), "--out", out, *ARGS])
     result = check_outputs(out, "hpo.png")
     fixed = result["fixed"][f"{result['hand_tuned_weight_decay']:g}"]
     assert set(result["learned"]) == {"cg", "neumann", "unrolled"}
@@ -47,26 +50,24 @@ def test_tiny_run_learns_better_decays_than_hand_tuned(tmp_path):
         assert r["median_decay_noise"] > r["median_decay_pixels"], name
 
 
-def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
+def test_interrupted_run_resumes_exactly(tmp_path):
+    """Ctrl-C after the first checkpoint (the end of the first arm), then --resume: the same result and rows."""
     ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
     small = ["--config", tiny("hpo"), "--set", "weight_decay_grid=[0.01]", "--set", "engines.compare=[cg,unrolled]",
-             *ARGS]
-    assert cli.main([*small, "--out", ref]) == 0
+             "--set", "outer_steps=200", *ARGS]
+    run_module("applications.hpo", [*small, "--out", ref])
 
-    calls = {"n": 0}
-    evaluate = problems.evaluate
-
-    def interrupt_once(model, data):
-        calls["n"] += 1
-        if calls["n"] == 5:  # second logged row of learned-cg: Ctrl-C arrives mid-arm
-            signal.raise_signal(signal.SIGINT)
-        return evaluate(model, data)
-
-    monkeypatch.setattr(problems, "evaluate", interrupt_once)
-    assert cli.main([*small, "--out", cut]) == 130
-    monkeypatch.setattr(problems, "evaluate", evaluate)
+    proc = subprocess.Popen([sys.executable, "-m", "applications.hpo", *small, "--out", cut], cwd=ROOT,
+                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not os.path.exists(os.path.join(cut, "checkpoint.pt")) and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate()
+    assert proc.returncode == 130, f"Ctrl-C did not stop the run: {describe(proc.returncode)}\n{err[-3000:]}"
+    assert f"--resume {cut}" in err
     assert not os.path.exists(os.path.join(cut, "result.json"))
-    assert cli.main(["--resume", cut, *ARGS]) == 0
+    resumed = run_module("applications.hpo", ["--resume", cut, *ARGS])
+    assert "resuming from step" in resumed.stderr
     assert _result(cut) == _result(ref)
     with open(os.path.join(ref, "metrics.jsonl")) as a, open(os.path.join(cut, "metrics.jsonl")) as b:
         assert a.read() == b.read()

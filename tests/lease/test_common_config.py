@@ -1,11 +1,11 @@
 """applications.common.config: typed dataclass configs from YAML + overrides."""
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import pytest
 
-from applications.common.config import ConfigError, config_to_dict, load_config, save_config
+from applications.common.config import ConfigError, config_keys, config_to_dict, load_config, save_config
 
 
 @dataclass
@@ -104,3 +104,36 @@ def test_save_and_reload_roundtrip(tmp_path):
     again = load_config(Cfg, str(path), [])
     assert again == cfg
     assert config_to_dict(again)["train"]["milestones"] == [9]
+
+
+@dataclass
+class WithEngine:
+    engine: Union[dict[str, Any], str] = field(default_factory=lambda: {"name": "unrolled", "steps": 3})
+    inner: Data = field(default_factory=Data)
+
+
+def test_mapping_fields_take_any_key_and_a_new_name_starts_fresh(tmp_path):
+    """An engine spec is a free-form mapping: --set reaches into it; changing its name drops the old fields."""
+    cfg = load_config(WithEngine, None, ["engine.steps=5"])
+    assert cfg.engine == {"name": "unrolled", "steps": 5}          # merged with the default mapping
+    cfg = load_config(WithEngine, None, ["engine.name=cg", "engine.tol=1e-6"])
+    assert cfg.engine == {"name": "cg", "tol": 1e-6}               # 1e-6 is a number, not YAML 1.1's string
+    path = tmp_path / "c.yaml"
+    path.write_text("engine: {name: finite_difference, eps: 0.1}\n")
+    assert load_config(WithEngine, str(path), ["engine.name=cg"]).engine == {"name": "cg"}
+    assert load_config(WithEngine, None, ["engine=neumann"]).engine == "neumann"
+    assert load_config(WithEngine, None, ["engine=neumann", "engine.alpha=0.5"]).engine == {"name": "neumann",
+                                                                                              "alpha": 0.5}
+    with pytest.raises(ConfigError, match="unknown key 'inner.nope'"):
+        load_config(WithEngine, None, ["inner.nope=1"])
+
+
+def test_a_folder_as_config_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_config(Cfg, str(tmp_path), [])
+
+
+def test_config_keys_lists_every_leaf_with_its_default():
+    keys = dict(config_keys(Cfg))
+    assert keys["train.epochs"] == 7 and keys["data.root"] is None and keys["seed"] == 0
+    assert len(keys) == len(Data.__dataclass_fields__) + len(Optim.__dataclass_fields__) + 1

@@ -1,4 +1,5 @@
-"""`python -m applications.lease.search` end to end on a tiny digits config, in subprocesses."""
+"""`python -m applications.lease.search` end to end on a tiny digits config, in child processes."""
+import csv
 import json
 import os
 import signal
@@ -9,30 +10,29 @@ import time
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY = ["--set", "epochs=2", "--set", "max_steps_per_epoch=5", "--set", "space.C=2", "--set", "space.nodes=2",
-        "--set", "audience.width=0.0625", "--set", "data.subset_fraction=0.25", "--set", "log_every=1",
-        "--set", "checkpoint_every=2", "--set", "data.batch_size=16", "--device", "cpu"]
+import mlo
+from tests.subproc import ROOT, child_env, run_module
+
+from .tiny import search_args
+
+TINY = search_args()
 ARTIFACTS = ["config.yaml", "metrics.jsonl", "metrics.csv", "checkpoint.pt", "genotype.json", "genotype.txt",
              "cells.png", "alphas.png", "explanations.png", "result.json"]
 
 
-def _run(args, **kw):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "applications.lease.search", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600, **kw)
+def _run(args, expect=0):
+    return run_module("applications.lease.search", args, expect=expect)
 
 
 def _params(out):
-    state = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
-    return state["step"], {f"{p}/{k}": v for p, s in state["graph"]["problems"].items() for k, v in s["params"].items()}
+    ckpt = mlo.read_checkpoint(os.path.join(out, "checkpoint.pt"))
+    return ckpt.step, {f"{p}/{k}": v for p, s in ckpt.graph_state["problems"].items() for k, v in s["params"].items()}
 
 
 @pytest.mark.slow
 def test_search_writes_every_artifact_and_resume_equals_uninterrupted(tmp_path):
     full = str(tmp_path / "full")
-    r = _run([*TINY, "--out", full])
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = _run([a for a in TINY if a != "--no-progress"] + ["--out", full])
     for name in ARTIFACTS:
         assert os.path.getsize(os.path.join(full, name)) > 0, name
     result = json.load(open(os.path.join(full, "result.json")))
@@ -46,47 +46,64 @@ def test_search_writes_every_artifact_and_resume_equals_uninterrupted(tmp_path):
 
     # interrupt a second run with Ctrl-C after its first checkpoint, then resume it
     part = str(tmp_path / "part")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "applications.lease.search", *TINY, "--out", part], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not os.path.exists(os.path.join(part, "checkpoint.pt")) and time.time() < deadline:
+                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not os.path.exists(os.path.join(part, "checkpoint.pt")) and proc.poll() is None:
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
-    if proc.returncode == 130:
-        assert "--resume" in err
-        step, _ = _params(part)
-        assert 2 <= step < 10
-    else:  # the run finished before the signal landed; resume must then be a no-op
-        assert proc.returncode == 0, err[-3000:]
-    r2 = _run(["--resume", part])
-    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert proc.returncode == 130, f"Ctrl-C did not stop the run (exit {proc.returncode}):\n{err[-3000:]}"
+    assert f"--resume {part}" in err and not os.path.exists(os.path.join(part, "result.json"))
+    step, _ = _params(part)
+    assert 2 <= step < 10
+    seconds_before = mlo.read_checkpoint(os.path.join(part, "checkpoint.pt")).extra["search"]["seconds"]
+    assert seconds_before > 0
+    r2 = _run(["--resume", part, "--no-progress"])
+    # it continued from the checkpoint (a run that starts over prints its graph again)
+    assert f"resuming from step {step} " in r2.stderr and "Graph(order=" not in r2.stderr, r2.stderr[-3000:]
     assert json.load(open(os.path.join(part, "genotype.json"))) == json.load(open(os.path.join(full, "genotype.json")))
     step_full, p_full = _params(full)
     step_part, p_part = _params(part)
     assert step_full == step_part
+    assert p_full and p_full.keys() == p_part.keys()
     for k in p_full:
         assert torch.equal(p_full[k], p_part[k]), k
     rows_part = [json.loads(line)["step"] for line in open(os.path.join(part, "metrics.jsonl"))]
     assert rows_part == list(range(1, 11))
+    # the search time adds up over the interrupted and the resumed part
+    assert json.load(open(os.path.join(part, "result.json")))["search_seconds"] >= round(seconds_before, 1)
+    # metrics.csv: one header, the same steps, every line ending as the csv module writes it
+    with open(os.path.join(part, "metrics.csv"), newline="") as fh:
+        raw = fh.read()
+    assert raw.count("\r\n") == raw.count("\n") == 11
+    with open(os.path.join(part, "metrics.csv"), newline="") as fh:
+        assert [int(float(r["step"])) for r in csv.DictReader(fh)] == list(range(1, 11))
+
+
+@pytest.mark.slow
+def test_resume_may_change_a_setting_and_saves_it(tmp_path):
+    """``--set`` on resume is written back to config.yaml (the folder says what ran)."""
+    out = str(tmp_path / "run")
+    _run([*search_args(epochs=1, max_steps_per_epoch=2), "--out", out])
+    r = _run(["--resume", out, "--set", "nan_policy=skip", "--no-progress"])
+    assert "resuming from step" in r.stderr
+    assert "nan_policy: skip" in open(os.path.join(out, "config.yaml")).read()
 
 
 def test_unknown_config_key_fails_before_any_work(tmp_path):
-    r = _run(["--set", "space.channels=4", "--out", str(tmp_path / "x")])
-    assert r.returncode == 2
+    r = _run(["--set", "space.channels=4", "--out", str(tmp_path / "x")], expect=2)
     assert "space.channels" in r.stderr and "valid" in r.stderr.lower()
     assert not os.path.exists(tmp_path / "x")
 
 
 def test_bad_value_type_names_the_field(tmp_path):
-    r = _run(["--set", "gamma=lots", "--out", str(tmp_path / "x")])
-    assert r.returncode == 2 and "gamma" in r.stderr
+    r = _run(["--set", "gamma=lots", "--out", str(tmp_path / "x")], expect=2)
+    assert "gamma" in r.stderr
 
 
 def test_unknown_engine_is_rejected(tmp_path):
-    r = _run(["--set", "engines.explainer.name=magic", "--out", str(tmp_path / "x")])
-    assert r.returncode == 2 and "magic" in r.stderr and "finite_difference" in r.stderr
+    r = _run(["--set", "engines.explainer.name=magic", "--out", str(tmp_path / "x")], expect=2)
+    assert "magic" in r.stderr and "finite_difference" in r.stderr
 
 
 PRESETS = sorted(f for f in os.listdir(os.path.join(ROOT, "applications", "lease", "configs"))
@@ -101,7 +118,7 @@ def test_every_search_preset_is_a_valid_config(preset):
                       [] if preset == "digits.yaml" else ["data.root=some/folder"])
     assert cfg.name == preset[:-5]
     for edge in ("explainer", "explanation", "audience"):
-        getattr(cfg.engines, edge).build()
+        assert isinstance(cfg.engines.build(edge), mlo.Engine)
 
 
 def test_paper_presets_cover_the_table():

@@ -11,7 +11,9 @@ import torch
 from applications.common import load_config
 from mlo.checkpoint import load_checkpoint
 from applications.lease import train as train_mod
-from applications.lease.train import OptimConfig, TrainConfig, lr_at, main
+from applications.common.run_folder import Interrupted
+from applications.lease.train import TrainConfig, TrainOptimConfig, lr_at, main
+from tests.subproc import run_module
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ["model.C=4", "model.layers=3", "data.subset_fraction=0.05", "train.batch_size=16", "train.eval_batch_size=64"]
@@ -27,21 +29,21 @@ def _single_thread():
 
 
 def test_lr_schedules():
-    cos = OptimConfig(epochs=10, lr=0.1)
+    cos = TrainOptimConfig(epochs=10, lr=0.1)
     assert lr_at(cos, 0) == pytest.approx(0.1) and lr_at(cos, 5) == pytest.approx(0.05)
-    warm = OptimConfig(epochs=10, lr=0.5, schedule="linear", warmup_epochs=2)
+    warm = TrainOptimConfig(epochs=10, lr=0.5, schedule="linear", warmup_epochs=2)
     assert lr_at(warm, 0) == pytest.approx(0.25) and lr_at(warm, 2) == pytest.approx(0.5) and lr_at(warm, 6) == pytest.approx(0.25)
-    step = OptimConfig(epochs=10, lr=0.1, schedule="step", step_gamma=0.5)
+    step = TrainOptimConfig(epochs=10, lr=0.1, schedule="step", step_gamma=0.5)
     assert lr_at(step, 2) == pytest.approx(0.025)
 
 
 def test_presets_load_with_paper_settings():
     cfg_dir = os.path.join(REPO, "applications", "lease", "configs")
-    c10 = load_config(TrainConfig, os.path.join(cfg_dir, "train_cifar10.yaml"), [])
+    c10 = load_config(TrainConfig, os.path.join(cfg_dir, "train_cifar10.yaml"), ["data.root=some/folder"])
     assert (c10.model.layers, c10.model.C, c10.train.batch_size, c10.train.epochs, c10.data.cutout) == (20, 36, 96, 600, 16)
-    c100 = load_config(TrainConfig, os.path.join(cfg_dir, "train_cifar100.yaml"), [])
+    c100 = load_config(TrainConfig, os.path.join(cfg_dir, "train_cifar100.yaml"), ["data.root=some/folder"])
     assert c100.data.name == "cifar100" and c100.model.layers == 20
-    inet = load_config(TrainConfig, os.path.join(cfg_dir, "train_imagenet.yaml"), [])
+    inet = load_config(TrainConfig, os.path.join(cfg_dir, "train_imagenet.yaml"), ["data.root=some/folder"])
     assert (inet.model.layers, inet.model.C, inet.train.batch_size, inet.model.stem) == (14, 48, 1024, "imagenet")
     digits = load_config(TrainConfig, os.path.join(cfg_dir, "train_digits.yaml"), [])
     assert digits.data.name == "digits"
@@ -75,9 +77,10 @@ def test_cli_end_to_end_and_resume(tmp_path, capsys):
     assert (out / "config.yaml").exists() and (out / "genotype.json").exists()
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1
 
-    # resume in-process (same code path as the CLI, without paying another interpreter start)
-    assert main(["--resume", str(out), "--set", "train.epochs=2", "--device", "cpu"]) == 0
-    assert "resuming at epoch 2" in capsys.readouterr().out
+    # resume with one more epoch (--set may change a value on resume; config.yaml records it)
+    resumed = run_module("applications.lease.train", ["--resume", str(out), "--set", "train.epochs=2", "--device", "cpu"])
+    assert "resuming from epoch 2" in resumed.stdout
+    assert "epochs: 2" in (out / "config.yaml").read_text()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1]
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
@@ -96,7 +99,7 @@ def test_ctrl_c_checkpoints_mid_epoch_and_resumes(tmp_path, monkeypatch):
             yield batch
 
     monkeypatch.setattr(train_mod, "_train_loader", interrupting_loader)
-    with pytest.raises(train_mod._Interrupted):
+    with pytest.raises(Interrupted):
         train_mod.train(cfg, out, torch.device("cpu"))
     state = load_checkpoint(os.path.join(out, "checkpoint.pt"))
     assert (state["epoch"], state["batch"]) == (0, 2) and state["partial"]["n"] == 32

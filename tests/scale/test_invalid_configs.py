@@ -19,9 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mlo
-import mlo.distributed
 from applications.lease import search
-from applications.lease.config import ENGINE_NAMES
 
 EDGES = ("explainer", "explanation", "audience")
 BOOL_WORDS = {"true", "yes", "on", "1", "false", "no", "off", "0", "null", "none", "~", ""}
@@ -43,12 +41,12 @@ NONNEGATIVE_FIELDS = ["gamma", "weights.momentum", "weights.weight_decay", "weig
                       "audience_optim.momentum", "audience_optim.weight_decay", "arch.weight_decay",
                       "explain.init_scale"] + [f"engines.{e}.damping" for e in EDGES]
 LITERAL_FIELDS = {"mode": ("lease", "baseline"), "space.name": ("darts", "pcdarts", "pdarts"),
-                  "space.stem": ("cifar", "imagenet"), "data.name": ("digits", "cifar10", "cifar100", "imagenet"),
+                  "space.stem": ("cifar", "imagenet"), "data.name": ("digits", "synthetic", "cifar10", "cifar100", "imagenet"),
                   "device": ("auto", "cpu", "cuda"), "dtype": ("float32", "float64"),
                   "explain.method": ("ascent", "pgd"), "explain.reweight": ("mul", "mul_abs", "mul_one_plus_abs"),
                   "audience.name": ("resnet18", "resnet50"), "nan_policy": ("raise", "skip", "off"),
                   "explainer_val_order": ("first", "second")}
-LITERAL_FIELDS.update({f"engines.{e}.name": ENGINE_NAMES for e in EDGES})
+LITERAL_FIELDS.update({f"engines.{e}.name": tuple(mlo.ENGINES) for e in EDGES})
 BOOL_FIELDS = ["bf16", "audience_only", "data.augment", "data.download"]
 
 
@@ -135,9 +133,10 @@ def test_malformed_config_fails_before_training_with_one_line_naming_the_field(c
 
 def test_too_many_processes_for_the_data_is_an_error_before_training(tmp_path):
     from applications.common import ConfigError, load_config
+    from applications.common.run_folder import Run
     from applications.lease.config import SearchConfig
     cfg = load_config(SearchConfig, None, ["data.subset_fraction=0.05"])
     env = mlo.distributed.Env(rank=0, world_size=100_000, local_rank=0, device=torch.device("cpu"), backend="gloo")
     with pytest.raises(ConfigError, match="cannot split .* over 100000 processes"):
-        search.run_search(cfg, str(tmp_path / "x"), torch.device("cpu"), env=env)
+        search.run_search(Run(search.PROGRAM, cfg, str(tmp_path / "x"), torch.device("cpu")), env=env)
     assert not (tmp_path / "x").exists()

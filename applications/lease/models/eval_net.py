@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..spaces.genotype import Genotype
-from ..spaces.ops import OPS, FactorizedReduce, Identity, ReLUConvBN, cpu_channels_last
+from ..spaces.ops import OPS, FactorizedReduce, Identity, ReLUConvBN, activation_layout
 
 __all__ = ["EvalCell", "NetworkCIFAR", "NetworkImageNet", "AuxiliaryHead", "build_eval_net", "drop_path", "count_parameters"]
 
@@ -139,7 +139,7 @@ class NetworkCIFAR(_EvalNetwork):
         self._build_cells(genotype, C, num_classes, layers, auxiliary, C_stem, C_stem, False, imagenet=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        s = cpu_channels_last(self.stem(x))
+        s = activation_layout(self.stem(x))
         return self._run_cells(s, s)
 
 
@@ -160,7 +160,7 @@ class NetworkImageNet(_EvalNetwork):
         self._build_cells(genotype, C, num_classes, layers, auxiliary, C, C, True, imagenet=True)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        s0 = cpu_channels_last(self.stem0(x))
+        s0 = activation_layout(self.stem0(x))
         s1 = self.stem1(s0)
         return self._run_cells(s0, s1)
 

@@ -5,8 +5,8 @@ max-pool, so 32x32 (or 8x8) inputs keep enough resolution. Stages have
 ``64w, 128w, 256w, 512w`` channels (``w`` = ``width``) with strides 1/2/2/2.
 At full width and 10 classes ResNet-18 has 11,173,962 parameters and ResNet-50
 23,520,842; ``width=0.25`` (16 base channels) gives a ResNet-18 of about 0.7M
-for CPU runs. On the CPU activations run in channels-last layout (faster oneDNN
-convolutions, see :func:`applications.lease.spaces.ops.cpu_channels_last`).
+for CPU runs. Activations stay NCHW, also on the CPU (see
+:func:`applications.lease.spaces.ops.activation_layout` for why not channels-last).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..spaces.ops import cpu_channels_last
+from ..spaces.ops import activation_layout
 
 __all__ = ["BasicBlock", "Bottleneck", "CifarResNet", "resnet18", "resnet50", "build_audience"]
 
@@ -92,7 +92,7 @@ class CifarResNet(nn.Module):
         self.linear = nn.Linear(c_in, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = cpu_channels_last(F.relu(self.bn1(self.conv1(x))))
+        out = activation_layout(F.relu(self.bn1(self.conv1(x))))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)
         return self.linear(out)

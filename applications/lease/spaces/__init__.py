@@ -2,11 +2,14 @@
 
 Use :func:`build_supernet` to make one; every supernet keeps its architecture
 parameters under ``arch.`` and offers ``arch_parameters()``,
-``weight_parameters()`` and ``genotype()``.
+``weight_parameters()`` and ``genotype()``. ``SPACES`` maps each name to its
+:class:`~.plugin.SearchSpace` (supernet, stage plan, per-step hook, hand-over
+between stages, final genotype): the search looks spaces up there and nowhere else.
 """
 
 from __future__ import annotations
 
+from . import darts, pcdarts, pdarts
 from .darts import DartsSupernet, default_reductions, num_edges
 from .genotype import (
     DARTS_V1,
@@ -25,9 +28,11 @@ from .genotype import (
 from .ops import OPS
 from .pcdarts import PCDartsSupernet
 from .pdarts import PDartsSchedule, PDartsSupernet, build_stage, final_genotype, next_stage_ops
+from .plugin import SearchSpace
 
 __all__ = [
     "SPACES",
+    "SearchSpace",
     "build_supernet",
     "DartsSupernet",
     "PCDartsSupernet",
@@ -53,7 +58,7 @@ __all__ = [
     "save_genotype",
 ]
 
-SPACES = {"darts": DartsSupernet, "pcdarts": PCDartsSupernet, "pdarts": PDartsSupernet}
+SPACES: dict[str, SearchSpace] = {s.name: s for s in (darts.SPACE, pcdarts.SPACE, pdarts.SPACE)}
 
 
 def build_supernet(
@@ -76,7 +81,7 @@ def build_supernet(
     key = space.lower().replace("-", "").replace("_", "")
     if key not in SPACES:
         raise ValueError(f"unknown search space {space!r}; expected one of {', '.join(SPACES)}")
-    return SPACES[key](
+    return SPACES[key].supernet(
         C,
         num_classes,
         layers,

@@ -11,9 +11,8 @@ gradients (including second derivatives) reach both alphas and weights.
 Speed notes: the ``none`` op is never evaluated (its output is zero, so it adds
 nothing to the mixture and its alpha gradient comes through the softmax alone),
 ReLUs are shared per state instead of repeated per op (see :mod:`.ops`),
-weighted sums use fused ``addcmul``, and on the CPU activations are kept in
-channels-last layout (:func:`.ops.cpu_channels_last`), where oneDNN's depthwise
-convolutions are much faster.
+and weighted sums use fused ``addcmul``. Activations stay NCHW, also on the CPU
+(:func:`.ops.activation_layout` says why not channels-last).
 """
 
 from __future__ import annotations
@@ -25,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .genotype import PRIMITIVES, Genotype, derive_cell
-from .ops import FactorizedReduce, ReLUConvBN, cpu_channels_last, make_op
+from .plugin import SearchSpace
+from .ops import FactorizedReduce, ReLUConvBN, activation_layout, make_op
 
 __all__ = [
     "ArchParams",
@@ -288,9 +288,9 @@ class DartsSupernet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w_normal, w_reduce, e_normal, e_reduce = self.cell_weights()
         if self.stem is not None:
-            s0 = s1 = cpu_channels_last(self.stem(x))
+            s0 = s1 = activation_layout(self.stem(x))
         else:
-            s0 = cpu_channels_last(self.stem0(x))
+            s0 = activation_layout(self.stem0(x))
             s1 = self.stem1(s0)
         for cell in self.cells:
             if cell.reduction:
@@ -336,3 +336,7 @@ class DartsSupernet(nn.Module):
             reduce=derive_cell(w_reduce, self.reduce_ops, self.steps, e_reduce),
             reduce_concat=self.concat(),
         )
+
+
+#: DARTS for ``applications.lease.search``: one stage, the full supernet (see ``plugin.SearchSpace``).
+SPACE = SearchSpace("darts", DartsSupernet)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "OPS",
-    "cpu_channels_last",
+    "activation_layout",
     "make_op",
     "Zero",
     "Identity",
@@ -29,18 +29,16 @@ __all__ = [
 ]
 
 
-def cpu_channels_last(x: torch.Tensor) -> torch.Tensor:
-    """On the CPU, ``x`` in channels-last layout; elsewhere ``x`` unchanged.
+def activation_layout(x: torch.Tensor) -> torch.Tensor:
+    """The memory layout every network here gives its activations (after the stem): plain NCHW.
 
-    oneDNN's CPU convolutions, above all the depthwise ones of these ops and their
-    weight gradients, run about 1.5x faster on channels-last activations, and the
-    layout then carries through BatchNorm, pooling, ``cat`` and elementwise ops.
-    Networks apply this once, to the stem output (a 1- or 3-channel image itself
-    has no distinct channels-last layout). The copy is differentiable, so
-    ``functional_call`` and higher-order gradients are unaffected.
+    Not channels-last on the CPU, for two measured reasons: oneDNN's AVX2 stride-2 1x1
+    backward-data kernel writes out of bounds on channels-last inputs with fewer than 8
+    channels (``FactorizedReduce`` at C=2, a ResNet shortcut at width 1/16), and at the
+    size a CPU runs (the digits preset) its gain is within noise (docs/nas.md); only the
+    CIFAR-size step, a GPU job, lost (1.6x CPU time on AVX2).
+    One function, so a layout change is made (and tested, tests/lease/test_native_safety.py) in one place.
     """
-    if x.device.type == "cpu" and x.dim() == 4:
-        return x.contiguous(memory_format=torch.channels_last)
     return x
 
 

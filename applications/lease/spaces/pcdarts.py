@@ -17,8 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .darts import DartsSupernet, MixedOp
+from .plugin import SearchSpace
 
-__all__ = ["PartialMixedOp", "PCDartsSupernet", "channel_shuffle", "edge_normalization"]
+__all__ = ["SPACE", "PartialMixedOp", "PCDartsSupernet", "channel_shuffle", "edge_normalization"]
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -97,3 +98,7 @@ class PCDartsSupernet(DartsSupernet):
         e_normal = edge_normalization(self.arch.normal_beta, self.steps)
         e_reduce = edge_normalization(self.arch.reduce_beta, self.steps)
         return w_normal, w_reduce, e_normal, e_reduce
+
+
+#: PC-DARTS for ``applications.lease.search``: one stage, ``space.pc_k`` partial channels.
+SPACE = SearchSpace("pcdarts", PCDartsSupernet, options=lambda cfg: {"k": cfg.space.pc_k})

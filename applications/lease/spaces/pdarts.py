@@ -32,8 +32,10 @@ import torch
 
 from .darts import DartsSupernet
 from .genotype import Genotype, derive_cell
+from .plugin import SearchSpace
 
 __all__ = [
+    "SPACE",
     "PDartsSupernet",
     "PDartsSchedule",
     "drop_rate_for_epoch",
@@ -215,3 +217,29 @@ def final_genotype(model: PDartsSupernet, max_skip: int = 2) -> Genotype:
             )
         normal[pos] = (best_op, normal[pos][1])
     return Genotype(normal=normal, normal_concat=model.concat(), reduce=reduce, reduce_concat=model.concat())
+
+
+# --------------------------------------------------------------------------- the search's plug-in
+
+
+def _plan(cfg) -> list[tuple[int, int]]:
+    return [(cfg.pdarts.epochs, cfg.pdarts.warmup_epochs)] * cfg.pdarts.num_stages
+
+
+def _build(cfg, stage: int, carry: dict, C: int, num_classes: int, **common) -> PDartsSupernet:
+    return build_stage(cfg.pdarts, stage, C, num_classes, normal_ops=carry.get("normal_ops"),
+                       reduce_ops=carry.get("reduce_ops"), **common)
+
+
+def _step_hook(cfg, model: PDartsSupernet, stage: int, epoch: int) -> None:
+    model.set_drop_rate(cfg.pdarts.drop_rate(stage, epoch))
+
+
+def _next_stage(cfg, model: PDartsSupernet, stage: int) -> dict:
+    normal, reduce = next_stage_ops(model, cfg.pdarts.ops_kept[stage + 1])
+    return {"normal_ops": normal, "reduce_ops": reduce}
+
+
+#: P-DARTS for ``applications.lease.search``: ``cfg.pdarts`` stages, deepening, skip dropout.
+SPACE = SearchSpace("pdarts", PDartsSupernet, plan=_plan, build_stage=_build, step_hook=_step_hook,
+                    next_stage=_next_stage, final=lambda cfg, model: final_genotype(model, cfg.pdarts.max_skip))

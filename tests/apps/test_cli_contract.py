@@ -1,0 +1,184 @@
+"""Every command-line program keeps the same run-folder contract (applications/common/run_folder.py).
+
+Each program runs in a child process (tests/subproc.py) on a few steps:
+
+- a second run into a finished folder is refused with a one-line hint and leaves
+  every file of the first run byte-identical; ``--overwrite`` starts over cleanly
+  (the old run's files go, a user's own file stays);
+- ``--print-config`` prints every key and writes nothing;
+- a folder given as ``--config`` and an ``--out`` that cannot be created end in one
+  line and exit code 2;
+- ``--help`` lists the config keys, and its examples are valid for that program.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+
+import pytest
+import yaml
+
+from applications.common.config import config_keys, load_config
+from applications.common.run_folder import build_parser
+from tests.subproc import run_module
+
+from tests.lease.tiny import search_args
+
+from .helpers import tiny
+
+CPU = ["--device", "cpu", "--no-progress"]
+
+#: A run of a few steps of each program.
+QUICK = {
+    "applications.lease.search": search_args(epochs=1, max_steps_per_epoch=2),
+    "applications.lease.train": ["--genotype", "DARTS_V2", "--set", "model.C=4", "--set", "model.layers=3",
+                                 "--set", "model.auxiliary=false", "--set", "data.subset_fraction=0.05",
+                                 "--set", "train.batch_size=16", "--set", "train.eval_batch_size=64",
+                                 "--set", "train.epochs=1", *CPU],
+    "applications.hpo": ["--config", tiny("hpo"), "--set", "outer_steps=3", "--set", "weight_decay_grid=[0.01]",
+                         "--set", "engines.compare=[cg]", *CPU],
+    "applications.reweight": ["--config", tiny("reweight"), "--set", "steps=3", "--set", "seeds=[0]",
+                              "--set", "methods=[uniform]", *CPU],
+    "applications.ignore": ["--config", tiny("ignore"), "--set", "steps=2", "--set", "seeds=[0]",
+                            "--set", "methods=[no_ignore]", "--set", "final.steps=2", *CPU],
+}
+PROGRAMS = sorted(QUICK)
+
+
+def _program(module: str):
+    mod = importlib.import_module(module if module.startswith("applications.lease") else module + ".__main__")
+    return mod.PROGRAM
+
+
+def _files(folder: str) -> dict[str, bytes]:
+    out = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, folder)] = fh.read()
+    return out
+
+
+def _one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-2000:]
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", PROGRAMS)
+def test_second_run_is_refused_and_overwrite_starts_over(module, tmp_path):
+    out = str(tmp_path / "run")
+    run_module(module, [*QUICK[module], "--out", out])
+    first = _files(out)
+    assert "config.yaml" in first and "result.json" in first
+
+    again = run_module(module, [*QUICK[module], "--out", out], expect=2)
+    line = _one_error_line(again.stderr)
+    assert "already holds a run" in line and f"--resume {out}" in line and "--overwrite" in line
+    assert _files(out) == first                      # not one byte of the first run changed
+
+    with open(os.path.join(out, "notes.txt"), "w") as fh:
+        fh.write("mine")
+    with open(os.path.join(out, "metrics.jsonl"), "a") as fh:   # a row no new run may keep
+        fh.write(json.dumps({"step": 999, "arm": "stale", "epoch": 999}) + "\n")
+    run_module(module, [*QUICK[module], "--out", out, "--overwrite"])
+    after = _files(out)
+    assert after["notes.txt"] == b"mine"             # only the run's own files are removed
+    rows = [json.loads(line) for line in after["metrics.jsonl"].decode().splitlines()]
+    assert rows and all(r.get("step") != 999 and r.get("epoch") != 999 for r in rows)
+    assert len(rows) == len(first["metrics.jsonl"].decode().splitlines())
+    assert set(after) - {"notes.txt"} == set(first)
+
+
+def _main(module: str, argv: list[str], capsys) -> tuple[int, str, str]:
+    """The program's ``main`` in this process: only for flags that stop before any model is built."""
+    mod = importlib.import_module(module if module.startswith("applications.lease") else module + ".__main__")
+    code = mod.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("module", PROGRAMS)
+def test_print_config_shows_every_key_and_writes_nothing(module, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, _ = _main(module, [*QUICK[module], "--out", str(out), "--print-config"], capsys)
+    assert code == 0
+    printed = yaml.safe_load(stdout)
+    keys = set()
+
+    def walk(tree, prefix=""):
+        for k, v in tree.items():
+            key = f"{prefix}.{k}" if prefix else k
+            keys.add(key)
+            if isinstance(v, dict) and v:
+                walk(v, key)
+    walk(printed)
+    missing = [k for k, _ in config_keys(_program(module).config_cls) if k not in keys]
+    assert not missing, missing
+    assert printed["logging"]["progress"] is False
+    assert not out.exists()
+    code, stdout, _ = _main(module, ["--print-config", "--seed", "7"], capsys)
+    seeds = yaml.safe_load(stdout)
+    assert code == 0 and seeds.get("seed", seeds.get("seeds")) in (7, [7])
+
+
+@pytest.mark.parametrize("module", PROGRAMS)
+def test_bad_paths_are_one_line_errors(module, tmp_path, capsys):
+    code, _, err = _main(module, ["--config", str(tmp_path), "--out", str(tmp_path / "a")], capsys)
+    assert code == 2 and "is a folder" in _one_error_line(err)
+    blocker = tmp_path / "somefile"
+    blocker.write_text("x")
+    code, _, err = _main(module, [*QUICK[module], "--out", str(blocker / "out")], capsys)
+    assert code == 2 and "--out" in _one_error_line(err)
+    assert not (tmp_path / "a").exists()
+
+
+def test_tensorboard_switch_needs_the_logging_extra(tmp_path, capsys):
+    """``--tensorboard`` either works or says, in one line, which extra to install."""
+    import mlo
+
+    args = [*QUICK["applications.hpo"], "--out", str(tmp_path / "run"), "--tensorboard"]
+    if mlo.TensorBoardWriter.available():
+        run_module("applications.hpo", args)
+        assert os.listdir(tmp_path / "run" / "tensorboard")
+    else:
+        code, _, err = _main("applications.hpo", args, capsys)
+        assert code == 2 and "pip install -e '.[logging]'" in _one_error_line(err)
+
+
+@pytest.mark.parametrize("module", PROGRAMS)
+def test_help_lists_config_keys_and_valid_examples(module):
+    program = _program(module)
+    text = build_parser(program).format_help()
+    for key, _ in config_keys(program.config_cls):
+        assert f"  {key} = " in text, key
+    assert program.examples
+    for example in program.examples:
+        args = build_parser(program).parse_args(example)
+        if args.resume:
+            continue            # names a folder a previous example made
+        items = list(program.overrides_from_args(args)) if program.overrides_from_args else []
+        load_config(program.config_cls, args.config or program.default_config, items + args.overrides)
+
+
+@pytest.mark.slow
+def test_under_torchrun_only_rank_0_prints_a_bad_setting(tmp_path):
+    """Two workers reject the same setting; the user sees its line once (torchrun then reports the failure)."""
+    import subprocess
+    import sys
+
+    from tests.subproc import ROOT, child_env
+
+    env = child_env()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "applications.hpo", "--set", "outer_steps=lots", "--out", str(tmp_path / "x")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error: ")]
+    assert lines == ["error: outer_steps: expected int, got 'lots'"], proc.stderr[-3000:]
+    assert not (tmp_path / "x").exists()
