@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import ctypes.util
 import gc
 import importlib
 import json
@@ -42,6 +40,8 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
+
+from applications.common.cpu import glibc
 
 SIZES = ("tiny", "small", "paper")
 
@@ -162,16 +162,6 @@ def paired_ratio(num: Sequence[float], den: Sequence[float]) -> dict:
 
 
 # ----------------------------------------------------------------------------- memory
-def _libc():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-    return libc if hasattr(libc, "malloc_trim") else None
-
-
 def _proc_status() -> dict[str, int]:
     out = {}
     with open("/proc/self/status", encoding="ascii") as f:
@@ -202,7 +192,7 @@ class MemoryProbe:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.baseline = 0
-        self.libc = None if self.cuda else _libc()
+        self.libc = None if self.cuda else glibc()
 
     def _settle(self) -> None:
         gc.collect()

@@ -21,7 +21,7 @@ show their bias. In the chain each level takes one step (K for ``Unrolled(K)``),
 as LeaSE does, and "exact" is the derivative of those steps.
 
 Per engine: relative error, time per hypergradient (the lower problem's steps
-plus the upper problem's update direction, ``Stepper.step(stop_before=upper)``)
+plus the upper problem's update direction, ``Stepper.direction(upper)``)
 and peak memory. The plot is error against time, one curve per engine family:
 the curve for choosing K.
 """
@@ -409,7 +409,7 @@ def hypergradient(case, spec: Spec) -> torch.Tensor:
 
 def _stepper_fn(case, spec: Spec) -> Callable[[], object]:
     stepper = mlo.Stepper(case.graph(spec), nan_policy="off")
-    return lambda: stepper.step(stop_before=case.upper)
+    return lambda: stepper.direction(case.upper)
 
 
 def memory_child(case_name: str, size: str, seed: int, device: str, spec_list: list, warmup: int) -> dict:

@@ -115,3 +115,14 @@ def mlo_step(fx: Fixture, wrap=None):
     graph = mlo.Graph(problems)
     stepper = mlo.Stepper(graph, nan_policy="off")
     return stepper.step, graph
+
+
+if __name__ == "__main__":
+    import sys
+
+    text = (f"benchmarks.nas holds the LeaSE fixtures of the benchmarks; it is not a program.\n"
+            f"{__doc__.strip()}\n\nRun one of: python -m benchmarks.overhead, python -m benchmarks.lease_step "
+            f"(each takes --help).")
+    asked = any(a in ("-h", "--help") for a in sys.argv[1:])
+    print(text, file=sys.stdout if asked else sys.stderr)
+    sys.exit(0 if asked else 2)

@@ -22,9 +22,12 @@ parameter must agree (``TOL``). Time (float32) and peak memory are reported as
 the ratio mlo / plain, measured in one run. Goal: ≤ 1.05 in time and memory.
 
 Attribution: a cProfile of mlo's step and a torch.profiler count of the aten
-ops mlo runs beyond the hand-written step say where the difference goes. At ``--size small`` a
-diagnostic row runs tiny models on CIFAR-shaped data, whose explanation bank
-(25,000 × 3×32×32) is as large as the paper's.
+ops mlo runs beyond the hand-written step say where the difference goes. At ``--size small`` two
+more rows run tiny models on CIFAR-shaped data, whose explanation bank (25,000 × 3×32×32) is as
+large as the paper's: mlo with the bank declared row-sparse (as LeaSE declares it; goal ≤ 1.1 in
+time and ≤ 1.2 in memory) and, as a diagnostic, the same bank declared as one dense parameter;
+the three steps are timed interleaved. ``--only bank`` runs just those rows (and the float64
+check that the sparse and dense declarations agree).
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ from . import common, nas
 
 TOL = {"float64_max_rel_diff": 1e-8}
 GOAL = 1.05
+BANK_GOAL = {"time": 1.1, "memory": 1.2}   # the paper-size bank row (issue: per-example parameters)
 
 
 def _grad(loss, inputs):
@@ -152,12 +156,12 @@ class PlainStep:
             # audience edge: adjoint at Δ' (the batch's rows)
             vW = self._update_vjp(uW, gW, lr_W, tot_W, clip_W)
             d1 = D1.detach().requires_grad_()
-            (uD,) = self._fd_params(self.W, W0, vW, cfg.engines.audience.eps,
+            (uD,) = self._fd_params(self.W, W0, vW, cfg.engines.audience["eps"],
                                     lambda: F.cross_entropy(g(explain.reweight(xa, d1, kind)), ya), [d1])
             # explanation edge: adjoint at E' (the bank is an input, perturbed out of place);
             # the clean pass f(x; E') is the same at both points: run once, backpropagated once
             vD = -lr_D * uD
-            scale = self._scale([vD], cfg.engines.explanation.eps)
+            scale = self._scale([vD], cfg.engines.explanation["eps"])
             clean = f(xa)
             cut = clean.detach().requires_grad_()
             out, cot = [], []
@@ -171,7 +175,7 @@ class PlainStep:
             uE = [u + (a - b + t) / (2 * scale) for u, a, b, t in zip(uE, *out, through)]
         # explainer edge: A's hypergradient, mixed product at the pre-update point E
         vE = self._update_vjp(uE, gE, lr_E, tot_E, clip_E)
-        hA = self._fd_params(self.E, E0, vE, cfg.engines.explainer.eps, lambda: F.cross_entropy(f(xe), ye), self.A)
+        hA = self._fd_params(self.E, E0, vE, cfg.engines.explainer["eps"], lambda: F.cross_entropy(f(xe), ye), self.A)
         for p, a, b in zip(self.A, gA, hA):
             p.grad = a + b
         self.opt_A.step()
@@ -180,6 +184,7 @@ class PlainStep:
 
 # ----------------------------------------------------------------------------- variants
 VARIANTS = ("mlo", "plain")
+DENSE = "mlo_dense_bank"   # mlo with the explanation bank declared as one dense parameter (diagnostic)
 
 
 BANK_CASE = "tiny@paper"   # tiny models on CIFAR-shaped data: the explanation bank has 25,000 rows of 3×32×32
@@ -196,6 +201,12 @@ def build(variant: str, mode: str, size: str, seed: int, device, dtype=torch.flo
     fx = nas.fixture(cfg, data or models, seed, device, dtype)
     if variant == "mlo":
         return nas.mlo_step(fx)[0], fx
+    if variant == DENSE:
+        import mlo
+        from applications.lease.problems import build_problems
+        problems = build_problems(fx.cfg, fx.explainer, fx.audience, fx.bank, fx.batches, nas.TOTAL_STEPS,
+                                  sparse_bank=False)
+        return mlo.Stepper(mlo.Graph(problems), nan_policy="off").step, fx
     return PlainStep(fx).step, fx
 
 
@@ -261,15 +272,24 @@ def op_diff(mode: str, size: str, seed: int, device, top: int = 12) -> list[dict
 def run(args) -> dict:
     device = torch.device(args.device)
     rows, checks, goals, profiles, diffs = [], [], [], {}, {}
-    cases = [("baseline", "DARTS-2nd", args.size, True), ("lease", "LeaSE (ResNet-18)", args.size, True)]
-    if args.size == "small":   # a diagnostic: what a CIFAR-sized explanation bank costs
+    only_bank = getattr(args, "only", "all") == "bank"
+    if only_bank and args.size != "small":
+        raise SystemExit("error: --only bank needs --size small (the bank rows run tiny models on CIFAR-sized data)")
+    cases = [] if only_bank else [("baseline", "DARTS-2nd", args.size, True),
+                                  ("lease", "LeaSE (ResNet-18)", args.size, True)]
+    if args.size == "small":   # the paper's explanation bank: row-sparse (LeaSE's declaration) and dense
         cases.append(("lease", "LeaSE, tiny models, CIFAR-sized bank", BANK_CASE, False))
-    for mode, label in (("baseline", "DARTS-2nd"), ("lease", "LeaSE")):
+    for mode, label in () if only_bank else (("baseline", "DARTS-2nd"), ("lease", "LeaSE")):
         # the clip's Jacobian in the update VJP, exercised on every step (tiny models, any --size)
         checks.append(common.check(f"{label}, clip active (grad_clip=0.01, tiny): mlo vs plain, float64",
                                    max_rel_diff(mode, "tiny", args.seed, device, torch.float64, **ACTIVE_CLIP),
                                    TOL["float64_max_rel_diff"]))
+    if args.size == "small":   # the two declarations of the bank agree (tiny models, float64)
+        checks.append(common.check("LeaSE: row-sparse bank vs dense bank (tiny), float64, 2 steps",
+                                   max_rel_diff("lease", "tiny", args.seed, device, torch.float64, variant=DENSE),
+                                   TOL["float64_max_rel_diff"]))
     for mode, label, size, full in cases:
+        bank = size == BANK_CASE
         diff64 = diff32 = None
         if full:
             diff64 = max_rel_diff(mode, size, args.seed, device, torch.float64)
@@ -277,23 +297,36 @@ def run(args) -> dict:
             diff32 = None if size == "tiny" else max_rel_diff(mode, size, args.seed, device, torch.float32)
             checks.append(common.check(f"{label}: mlo vs plain, float64, 2 steps (max rel. diff)", diff64,
                                        TOL["float64_max_rel_diff"]))
-        fns = {v: build(v, mode, size, args.seed, device)[0] for v in VARIANTS}
+        variants = VARIANTS + ((DENSE,) if bank else ())
+        fns = {v: build(v, mode, size, args.seed, device)[0] for v in variants}
         times = common.time_interleaved(fns, args.reps, args.warmup, device)
         del fns
-        ratio = common.paired_ratio(times["mlo"], times["plain"])
         mem = {}
         if not args.no_memory and common.memory_supported(device):
-            for v in ("mlo", "plain"):
+            for v in variants:
                 mem[v] = common.isolated("benchmarks.overhead:memory_child", device, variant=v, mode=mode,
                                          size=size, seed=args.seed, device=str(device), warmup=args.warmup)
+        tp = common.summary(times["plain"])
+        for v, row_label in (("mlo", label), (DENSE, f"{label}, dense bank (diagnostic)")):
+            if v not in times:
+                continue
+            ratio = common.paired_ratio(times[v], times["plain"])
+            mem_ratio, mem_note = common.memory_ratio(mem.get(v), mem.get("plain"), device)
+            tm = common.summary(times[v])
+            rows.append({"step": row_label, "mode": mode, "size": size, "mlo_ms": common.ms(tm["median"]),
+                         "mlo_iqr_ms": [common.ms(tm["q25"]), common.ms(tm["q75"])],
+                         "plain_ms": common.ms(tp["median"]),
+                         "plain_iqr_ms": [common.ms(tp["q25"]), common.ms(tp["q75"])],
+                         "time_ratio": ratio["median"], "time_ratio_iqr": [ratio["q25"], ratio["q75"]],
+                         "mlo_peak_mib": common.mib(mem.get(v)), "plain_peak_mib": common.mib(mem.get("plain")),
+                         "memory_ratio": mem_ratio, "float64_max_rel_diff": diff64 if v == "mlo" else None,
+                         "float32_max_rel_diff": diff32 if v == "mlo" else None})
+            if bank and v == "mlo":
+                goals.append(common.goal(f"{label}: time mlo / plain", ratio["median"], BANK_GOAL["time"]))
+                goals.append(common.goal(f"{label}: peak memory mlo / plain", mem_ratio, BANK_GOAL["memory"],
+                                         note=mem_note))
+        ratio = common.paired_ratio(times["mlo"], times["plain"])
         mem_ratio, mem_note = common.memory_ratio(mem.get("mlo"), mem.get("plain"), device)
-        tm, tp = common.summary(times["mlo"]), common.summary(times["plain"])
-        rows.append({"step": label, "mode": mode, "size": size, "mlo_ms": common.ms(tm["median"]),
-                     "mlo_iqr_ms": [common.ms(tm["q25"]), common.ms(tm["q75"])],
-                     "plain_ms": common.ms(tp["median"]), "plain_iqr_ms": [common.ms(tp["q25"]), common.ms(tp["q75"])],
-                     "time_ratio": ratio["median"], "time_ratio_iqr": [ratio["q25"], ratio["q75"]],
-                     "mlo_peak_mib": common.mib(mem.get("mlo")), "plain_peak_mib": common.mib(mem.get("plain")),
-                     "memory_ratio": mem_ratio, "float64_max_rel_diff": diff64, "float32_max_rel_diff": diff32})
         if full:
             goals.append(common.goal(f"{label}: time mlo / plain", ratio["median"], GOAL))
             goals.append(common.goal(f"{label}: peak memory mlo / plain", mem_ratio, GOAL, note=mem_note))
@@ -344,7 +377,10 @@ def plot(result: dict, path: str) -> None:
 
 
 def main(argv=None) -> int:
-    args = common.finish_args(common.parser("overhead", __doc__.splitlines()[0], reps=5, warmup=1).parse_args(argv))
+    p = common.parser("overhead", __doc__.splitlines()[0], reps=5, warmup=1)
+    p.add_argument("--only", choices=("all", "bank"), default="all",
+                   help="bank: only the CIFAR-sized bank rows (row-sparse and dense) and their check")
+    args = common.finish_args(p.parse_args(argv))
     result = run(args)
     common.write_outputs(args, result, markdown(result), lambda p: plot(result, p))
     return 0

@@ -1,12 +1,14 @@
 """Smoke tests: every benchmark runs at ``--size tiny``, writes its files with the documented
 JSON schema, and its accuracy numbers are within their documented tolerances. No timing
-assertions: the numbers are only checked to be there and positive."""
+assertions: the numbers are only checked to be there and positive. Each benchmark runs in a child
+process (a native crash fails its test with the child's stderr instead of ending the suite)."""
 import json
 import math
 
 import pytest
 
 from benchmarks import common, hypergrad, lease_step, overhead, vs_betty
+from tests.subproc import run_module
 
 TOP_KEYS = {"benchmark", "size", "device", "reps", "warmup", "machine", "timing", "memory_method", "rows", "checks",
             "goals", "tolerances"}
@@ -17,7 +19,7 @@ CHECK_KEYS = {"name", "value", "tolerance", "ok"}
 def _run(module, tmp_path, *extra):
     name = module.__name__.rsplit(".", 1)[-1]
     out = tmp_path / name
-    assert module.main(["--size", "tiny", "--reps", "1", "--warmup", "0", "--out", str(out), *extra]) == 0
+    run_module(module.__name__, ["--size", "tiny", "--reps", "1", "--warmup", "0", "--out", str(out), *extra])
     result = json.loads((out / "result.json").read_text())
     assert result["benchmark"] == name and result["size"] == "tiny" and result["device"] == "cpu"
     assert (out / "table.md").read_text().strip()
