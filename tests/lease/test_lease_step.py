@@ -8,43 +8,11 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import mlo
-from applications.common import load_config
 from applications.lease import explain
-from applications.lease.config import SearchConfig
-from applications.lease.models.resnet import build_audience
-from applications.lease.problems import Loaders, build_problems
-from applications.lease.spaces import build_supernet
+
+from .tiny_graph import GAMMA, LR_D, LR_E, LR_W, exact_config, tiny_lease_graph
 
 DT = torch.float64
-LR_E, LR_D, LR_W, GAMMA = 0.1, 0.5, 0.1, 0.7
-
-
-def _cfg(engine: str, mode: str = "lease", **extra) -> SearchConfig:
-    sets = [f"mode={mode}", f"gamma={GAMMA}", "dtype=float64", f"explain.lr={LR_D}", "explain.reweight=mul",
-            f"weights.lr={LR_E}", "weights.momentum=0", "weights.weight_decay=0", "weights.grad_clip=null",
-            f"audience_optim.lr={LR_W}", "audience_optim.momentum=0", "audience_optim.weight_decay=0",
-            "audience_optim.grad_clip=null"]
-    sets += [f"engines.{e}.name={engine}" for e in ("explainer", "explanation", "audience")]
-    sets += [f"{k}={v}" for k, v in extra.items()]
-    return load_config(SearchConfig, None, sets)
-
-
-def _setup(cfg: SearchConfig, seed: int = 0):
-    torch.manual_seed(seed)
-    explainer = build_supernet("darts", 2, 3, 3, in_channels=1, steps=2, multiplier=2).to(DT)
-    audience = build_audience("resnet18", 3, 1, width=0.0625).to(DT) if cfg.mode == "lease" else None
-    n = 10
-    bank = explain.init_bank(n, (1, 6, 6), 0.3, torch.Generator().manual_seed(seed), DT)
-
-    def batch(size, with_idx):
-        x = torch.rand(size, 1, 6, 6, dtype=DT)
-        y = torch.randint(0, 3, (size,))
-        idx = torch.randperm(n)[:size] if with_idx else torch.arange(size)
-        return x, y, idx
-    batches = {"explainer": batch(4, False), "explanation": batch(4, True), "architecture": batch(4, False)}
-    loaders = Loaders([batches["explainer"]], [batches["explanation"]], [batches["architecture"]])
-    problems = build_problems(cfg, explainer, audience, bank if cfg.mode == "lease" else None, loaders, 10)
-    return mlo.Graph(problems), explainer, audience, bank, batches
 
 
 def _chain_rule(explainer, audience, bank, batches) -> dict:
@@ -75,7 +43,7 @@ def _flat(tree):
 
 
 def test_unrolled_hypergradient_equals_explicit_chain_rule():
-    graph, explainer, audience, bank, batches = _setup(_cfg("unrolled"))
+    graph, explainer, audience, bank, batches = tiny_lease_graph(exact_config("unrolled"))
     expected = _chain_rule(explainer, audience, bank, batches)
     got = mlo.hypergradient(graph, "architecture")["total"]
     assert set(got) == set(expected)
@@ -86,8 +54,8 @@ def test_unrolled_hypergradient_equals_explicit_chain_rule():
 
 def test_audience_path_contributes():
     """The A → E' → Δ' → W' path is not zero: dropping the audience edge changes g_A."""
-    full = mlo.hypergradient(_setup(_cfg("unrolled"))[0], "architecture")["total"]
-    cut = mlo.hypergradient(_setup(_cfg("unrolled", **{"engines.audience.name": "first_order"}))[0],
+    full = mlo.hypergradient(tiny_lease_graph(exact_config("unrolled"))[0], "architecture")["total"]
+    cut = mlo.hypergradient(tiny_lease_graph(exact_config("unrolled", **{"engines.audience.name": "first_order"}))[0],
                             "architecture")["total"]
     assert (_flat(full) - _flat(cut)).norm() > 1e-6 * _flat(full).norm()
 
@@ -95,8 +63,8 @@ def test_audience_path_contributes():
 def test_finite_difference_close_to_exact():
     """Central differences on every edge. The tiny ReLU/max-pool network has kinks within
     DARTS' default 0.01 perturbation, so a smaller eps is used to compare with the exact value."""
-    cfg = _cfg("finite_difference", **{f"engines.{e}.eps": 1e-5 for e in ("explainer", "explanation", "audience")})
-    graph, explainer, audience, bank, batches = _setup(cfg)
+    cfg = exact_config("finite_difference", **{f"engines.{e}.eps": 1e-5 for e in ("explainer", "explanation", "audience")})
+    graph, explainer, audience, bank, batches = tiny_lease_graph(cfg)
     expected = _flat(_chain_rule(explainer, audience, bank, batches))
     got = _flat(mlo.hypergradient(graph, "architecture")["total"])
     assert (got - expected).norm() / expected.norm() < 1e-4
@@ -104,11 +72,8 @@ def test_finite_difference_close_to_exact():
 
 def test_check_hypergradient_agrees_for_exact_engines_in_baseline_mode():
     """DARTS-2nd (exact): the engine matches a central difference of the composed step.
-
-    (In LeaSE mode the explanation objective uses A as a constant, as the paper's formula
-    does, while a central difference in A would also move it there; so the check is made
-    on the baseline, whose objectives declare everything they use.)"""
-    graph = _setup(_cfg("unrolled", mode="baseline"))[0]
+    (LeaSE mode, whose explanation problem declares A a constant, is checked in test_check_lease.py.)"""
+    graph = tiny_lease_graph(exact_config("unrolled", mode="baseline"))[0]
     report = mlo.check_hypergradient(graph, "architecture", directions=3, tol=1e-6)
     assert report.ok, str(report)
 
@@ -128,7 +93,7 @@ def _changed(before: dict, after: dict) -> bool:
 
 
 def test_lease_step_changes_all_four_and_only_batch_rows_of_bank():
-    graph, explainer, audience, bank, batches = _setup(_cfg("finite_difference"))
+    graph, explainer, audience, bank, batches = tiny_lease_graph(exact_config("finite_difference"))
     before = _snapshot(explainer, audience, bank)
     mlo.Stepper(graph).step()
     after = _snapshot(explainer, audience, bank)
@@ -142,7 +107,7 @@ def test_lease_step_changes_all_four_and_only_batch_rows_of_bank():
 
 
 def test_baseline_step_changes_only_explainer_and_architecture():
-    graph, explainer, audience, bank, _ = _setup(_cfg("finite_difference", mode="baseline"))
+    graph, explainer, audience, bank, _ = tiny_lease_graph(exact_config("finite_difference", mode="baseline"))
     assert graph.order == ["explainer", "architecture"]
     before_bank = bank.detach().clone()
     before = _snapshot(explainer, None, bank)
@@ -155,10 +120,10 @@ def test_baseline_step_changes_only_explainer_and_architecture():
 def test_pgd_cuts_the_audience_path():
     """With PGD explanations the audience's validation loss gives A no gradient."""
     pgd = {"explain.method": "pgd", "explain.pgd_steps": 2}
-    graph = _setup(_cfg("unrolled", **pgd))[0]
+    graph = tiny_lease_graph(exact_config("unrolled", **pgd))[0]
     assert graph.plans["architecture"].upstream == ("explainer",)
     g_pgd = _flat(mlo.hypergradient(graph, "architecture")["total"])
-    g_no_audience = _flat(mlo.hypergradient(_setup(_cfg("unrolled", gamma=0.0, **pgd))[0], "architecture")["total"])
+    g_no_audience = _flat(mlo.hypergradient(tiny_lease_graph(exact_config("unrolled", gamma=0.0, **pgd))[0], "architecture")["total"])
     assert g_pgd.norm() > 0
     assert torch.allclose(g_pgd, g_no_audience, rtol=1e-10, atol=1e-14)
 
@@ -173,10 +138,10 @@ def test_reweight_options(reweight):
 def test_explanation_edge_runs_the_clean_pass_once():
     """The Δ'→E' finite difference shares f(x; E') between its two points: three explainer
     passes, not four, and the same numbers as evaluating both points in full."""
-    graph, explainer, _, _, _ = _setup(_cfg("finite_difference", **{"engines.explanation.eps": 1e-4}))
+    graph, explainer, _, _, _ = tiny_lease_graph(exact_config("finite_difference", **{"engines.explanation.eps": 1e-4}))
     stepper = mlo.Stepper(graph)
-    stepper.step(stop_before="architecture")
-    site = stepper.sites["explanation"]
+    stepper.direction("architecture")
+    site = stepper.runs["explanation"]
     u = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(1), dtype=DT)
          for k, v in site.solution.items()}
     calls = []
@@ -201,3 +166,36 @@ def test_explanation_edge_runs_the_clean_pass_once():
     assert float(_flat(want).abs().max()) > 0
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-7, atol=1e-9)   # rounding / 2ε
+
+
+@pytest.mark.parametrize("engine,extra", [("unrolled", {}), ("finite_difference", {}),
+                                          ("unrolled", {"explain.method": "pgd", "explain.pgd_steps": 2})],
+                         ids=["unrolled", "finite_difference", "pgd"])
+def test_row_sparse_bank_equals_the_dense_bank(engine, extra):
+    """The bank declared row-sparse (the default) and dense: the same architecture hypergradient
+    (float64, 1e-12) and the same four problems after two steps; the sparse bank's step records
+    hold the batch's rows only."""
+    cfg = exact_config(engine, **extra)
+    assert rel_err(_flat(mlo.hypergradient(tiny_lease_graph(cfg)[0], "architecture")["total"]),
+                   _flat(mlo.hypergradient(tiny_lease_graph(cfg, sparse_bank=False)[0], "architecture")["total"])) <= 1e-12
+    runs = []
+    for sparse in (True, False):
+        graph, explainer, audience, bank, batches = tiny_lease_graph(cfg, sparse_bank=sparse)
+        stepper = mlo.Stepper(graph)
+        for _ in range(2):
+            stepper.step()
+        runs.append(_snapshot(explainer, audience, bank))
+        if sparse and "explanation" in stepper.runs:
+            n_rows = batches["explanation"][2].unique().numel()
+            assert stepper.runs["explanation"].records[-1].params[""].shape[0] == n_rows < bank.shape[0]
+    if extra:   # PGD: the dense step also projects the rows it did not visit (this bank starts wider than ε)
+        seen = batches["explanation"][2]
+        runs[0]["D"], runs[1]["D"] = runs[0]["D"][seen], runs[1]["D"][seen]
+    for key in ("E", "A", "W", "D"):
+        a, b = runs[0][key], runs[1][key]
+        a, b = (_flat(a), _flat(b)) if isinstance(a, dict) else (a, b)
+        assert rel_err(a, b) <= 1e-12, key
+
+
+def rel_err(a, b):
+    return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-30))

@@ -155,5 +155,5 @@ def test_skip_dropout_only_in_training():
     assert (op(x, x, w) == 0).any()
     op.eval()
     assert torch.equal(op(x, x, w), x)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="drop rate"):
         model.set_drop_rate(1.0)

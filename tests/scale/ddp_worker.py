@@ -53,8 +53,10 @@ def main(out):
     _, _, runner = run(second_order=True, runner_kw={"checkpoint": ckpt}, before=stop_on_rank1)
     res["stopped_at"] = runner.step
     res["interrupted"] = runner.interrupted
-    graph, _, runner = run(second_order=True, resume=ckpt)
+    first = []      # the step the resumed runner starts at (a run that starts over starts at 0)
+    graph, _, runner = run(second_order=True, resume=ckpt, before=lambda runner, step: first.append(step))
     res["resumed"] = toy.params(graph)
+    res["resumed_from"] = first[0]
     # 4. NaN on process 1 only: with "skip" both processes skip the same update
     graph, _, runner = run(second_order=True, runner_kw={"nan_policy": "skip"}, nan=(1, 3, "audience"))
     res["skip"] = toy.params(graph)

@@ -37,7 +37,7 @@ def ranks(tmp_path_factory):
 
 
 def _same(a, b):
-    return all(torch.equal(a[k], b[k]) for k in a)
+    return len(a) > 0 and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_two_processes_match_one_process_with_twice_the_batch(ranks):
@@ -71,6 +71,7 @@ def test_a_stop_request_on_one_process_stops_all_at_the_same_step_and_resumes_ex
     (r0, r1), _ = ranks
     assert r0["stopped_at"] == r1["stopped_at"] == CUT + 1
     assert r0["interrupted"] and r1["interrupted"]
+    assert r0["resumed_from"] == r1["resumed_from"] == CUT + 1      # continued; did not start over
     assert _same(r0["resumed"], r0["second_order"]) and _same(r1["resumed"], r1["second_order"])
 
 
@@ -119,4 +120,4 @@ def test_data_parallel_single_process_is_a_no_op_and_checks_names():
 
 def test_first_occurrence_mask():
     idx = torch.tensor([4, 1, 4, 2, 1, 7])
-    assert mlo.distributed._first_occurrence(idx).tolist() == [True, True, False, True, False, True]
+    assert mlo.distributed.packing.first_occurrence(idx).tolist() == [True, True, False, True, False, True]

@@ -18,12 +18,7 @@ import torch.nn.functional as F
 
 import mlo
 import mlo.precision
-from applications.common import load_config
-from applications.lease import explain
-from applications.lease.config import SearchConfig
-from applications.lease.models.resnet import build_audience
-from applications.lease.problems import Loaders, build_problems
-from applications.lease.spaces import build_supernet
+from tests.lease.tiny_graph import exact_config, tiny_lease_graph
 
 pytestmark = pytest.mark.skipif(not mlo.precision.autocast_available("cpu"), reason="no CPU bf16 autocast")
 
@@ -72,6 +67,7 @@ def test_bf16_hypergradient_within_tolerance_of_fp32(engine):
     fp32 = _flat(mlo.hypergradient(_mlp_bilevel(off, engine), "hyper")["hyper"])
     bf16 = _flat(mlo.hypergradient(_mlp_bilevel(mlo.precision.Autocast("cpu"), engine), "hyper")["hyper"])
     assert fp32.norm() > 0
+    assert (bf16 - fp32).norm() > 0          # bf16 really ran (an autocast that does nothing would give 0)
     assert ((bf16 - fp32).norm() / fp32.norm()).item() <= 2e-2
 
 
@@ -83,20 +79,9 @@ def test_engine_passes_in_bf16_would_spoil_the_finite_difference():
 
 
 def _lease(bf16: bool, mode: str):
-    sets = [f"bf16={bf16}", f"mode={mode}"] + [f"engines.{e}.name=unrolled" for e in ("explainer", "explanation",
-                                                                                       "audience")]
-    cfg = load_config(SearchConfig, None, sets)
-    torch.manual_seed(0)
-    explainer = build_supernet("darts", 4, 10, 3, in_channels=1, steps=2, multiplier=2)
-    audience = build_audience("resnet18", 10, 1, width=0.0625) if mode == "lease" else None
-    bank = explain.init_bank(64, (1, 8, 8), 0.03, torch.Generator().manual_seed(0))
-    g = torch.Generator().manual_seed(1)
-
-    def batch():
-        return torch.rand(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g), \
-            torch.randperm(64, generator=g)[:16]
-    loaders = Loaders([batch()], [batch()], [batch()])
-    graph = mlo.Graph(build_problems(cfg, explainer, audience, bank if mode == "lease" else None, loaders, 10))
+    cfg = exact_config("unrolled", mode, dtype="float32", bf16=bf16)
+    graph, explainer, *_ = tiny_lease_graph(cfg, C=4, classes=10, size=8, rows=64, batch=16, init_scale=0.03,
+                                            dtype=torch.float32)
     return graph, explainer
 
 

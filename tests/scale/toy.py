@@ -51,7 +51,7 @@ def build(batch, rank=0, world=1, second_order=False, dtype=torch.float64, nan=N
     bank = (torch.rand(N, D, generator=torch.Generator().manual_seed(1)) * 0.2 - 0.1).to(dtype).requires_grad_()
 
     def poison(ctx, name, loss):
-        if nan is not None and ctx.primary and nan[0] == rank and nan[1] == ctx.step and nan[2] == name:
+        if nan is not None and ctx.real_step and nan[0] == rank and nan[1] == ctx.step and nan[2] == name:
             return loss * float("nan")
         return loss
 
