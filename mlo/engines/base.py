@@ -8,6 +8,7 @@ an engine returns ``(∂w'/∂R)ᵀ u`` for each requested read R. Engines see a
 from __future__ import annotations
 
 import abc
+import math
 
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -146,11 +147,11 @@ def check_float(owner: str, field_name: str, value, *, positive: bool = False, o
     from ..errors import ConfigError
     if value is None and optional:
         return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if ok and positive:
         ok = value > 0
     elif ok:
         ok = value >= 0
     if not ok:
-        need = "a positive number" if positive else "a number >= 0"
+        need = "a finite number > 0" if positive else "a finite number >= 0"
         raise ConfigError(f"{owner}.{field_name}: expected {need}{' or None' if optional else ''}, got {value!r}")

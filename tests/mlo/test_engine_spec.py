@@ -52,7 +52,8 @@ def test_unknown_field_lists_that_engines_fields():
     ({"name": "cg", "damping": None}, "x.damping: expected a number, got None"),
     ({"name": "finite_difference", "eps": "small"}, "x.eps: expected a number"),
     ({"name": "cg", "iterations": 0}, "x.iterations: expected an integer >= 1, got 0"),
-    ({"name": "finite_difference", "eps": -1}, "x.eps: expected a positive number"),
+    ({"name": "finite_difference", "eps": -1}, "x.eps: expected a finite number > 0"),
+    ({"name": "finite_difference", "eps": float("inf")}, "x.eps: expected a finite number > 0"),
     ({"iterations": 3}, "x.name: missing; choose one of"),
     (["cg"], "x: expected an engine name or a mapping"),
 ])
