@@ -227,6 +227,13 @@ def _subsample(indices: np.ndarray, labels: np.ndarray, fraction: float | None, 
 def _load_digits(seed: int, full_train: bool, subset_fraction: float | None, cutout: int) -> DataSplits:
     pixels, labels = digits_arrays()
     images = torch.tensor(pixels, dtype=torch.float32).div_(16.0).view(-1, 1, 8, 8)  # in [0, 1]
+    return small_splits(images, labels, 10, seed, full_train, subset_fraction, cutout)
+
+
+def small_splits(images: torch.Tensor, labels: np.ndarray, num_classes: int, seed: int, full_train: bool,
+                 subset_fraction: float | None, cutout: int) -> DataSplits:
+    """An in-memory image set as train / val / test (50/25/25 %, stratified); ``full_train`` merges
+    train and val; ``subset_fraction`` subsamples train and val (never test); cutout on train only."""
     train_idx, val_idx, test_idx = stratified_split(labels, [0.5, 0.25, 0.25], seed)
     if full_train:
         train_idx, val_idx = np.sort(np.concatenate([train_idx, val_idx])), val_idx[:0]
@@ -237,7 +244,8 @@ def _load_digits(seed: int, full_train: bool, subset_fraction: float | None, cut
     def part(idx: np.ndarray, tf: Callable | None) -> IndexedTensorDataset:
         return IndexedTensorDataset(images[idx], labels[idx], tf)
 
-    return DataSplits(part(train_idx, train_tf), part(val_idx, None), part(test_idx, None), 10, 1, 8)
+    return DataSplits(part(train_idx, train_tf), part(val_idx, None), part(test_idx, None), num_classes,
+                      images.shape[1], images.shape[-1])
 
 
 # --------------------------------------------------------------------------- CIFAR

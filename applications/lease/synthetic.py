@@ -53,18 +53,7 @@ def synthetic_arrays(per_class: int = PER_CLASS, seed: int = DATA_SEED) -> tuple
 
 def load_synthetic(seed: int, full_train: bool, subset_fraction: float | None, cutout: int):
     """The task as ``DataSplits`` (the digits' layout: train / val / test, ``full_train`` merges train + val)."""
-    from .data import Cutout, DataSplits, IndexedTensorDataset, _subsample, stratified_split
+    from .data import small_splits
 
     images, labels = synthetic_arrays()
-    images = torch.from_numpy(images)
-    train_idx, val_idx, test_idx = stratified_split(labels, [0.5, 0.25, 0.25], seed)
-    if full_train:
-        train_idx, val_idx = np.sort(np.concatenate([train_idx, val_idx])), val_idx[:0]
-    train_idx = _subsample(train_idx, labels, subset_fraction, seed + 1)
-    val_idx = _subsample(val_idx, labels, subset_fraction, seed + 2)
-    tf = Cutout(cutout) if cutout > 0 else None
-
-    def part(idx, transform):
-        return IndexedTensorDataset(images[idx], labels[idx], transform)
-
-    return DataSplits(part(train_idx, tf), part(val_idx, None), part(test_idx, None), len(CLASSES), 1, SIZE)
+    return small_splits(torch.from_numpy(images), labels, len(CLASSES), seed, full_train, subset_fraction, cutout)
