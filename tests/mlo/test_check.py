@@ -37,14 +37,14 @@ def test_readme_example_checks_ok_in_float64(tmp_path, monkeypatch):
                               mlo.hypergradient(unrolled, "hyper")["total"][""], rtol=1e-3)
 
 
-def _ridge(engine, dtype=torch.float64, n=6):
+def _ridge(engine, dtype=torch.float64, n=6, steps=3):
     g = torch.Generator().manual_seed(0)
     X, y = torch.randn(20, n, generator=g, dtype=dtype), torch.randn(20, generator=g, dtype=dtype)
-    w = torch.zeros(n, dtype=dtype, requires_grad=True)
+    w = (0.3 * torch.randn(n, generator=g, dtype=dtype)).requires_grad_(True)
     lam = torch.full((n,), -1.0, dtype=dtype, requires_grad=True)
     inner = mlo.Problem("inner", w, lambda c, b: ((X @ c["inner"] - y) ** 2).mean()
                         + (c["outer"].exp() * c["inner"] ** 2).sum(),
-                        lambda p: torch.optim.SGD(p, lr=0.1), reads=["outer"], steps=3, engine=engine)
+                        lambda p: torch.optim.SGD(p, lr=0.1), reads=["outer"], steps=steps, engine=engine)
     outer = mlo.Problem("outer", lam, lambda c, b: ((X[:5] @ c["inner"] - y[:5]) ** 2).mean(),
                         lambda p: torch.optim.SGD(p, lr=0.1), reads=["inner"])
     return mlo.Graph([inner, outer])
@@ -65,6 +65,25 @@ def test_notes_say_when_an_engine_targets_less_than_the_composition():
     assert not report.ok
     assert any("Unrolled(steps=1) differentiates only the last 1 of the 3 steps problem 'inner' takes" in n for n in report.notes)
     assert mlo.check_hypergradient(_ridge(mlo.Unrolled(steps=3)), "outer").ok
+
+
+class _BrokenFD(mlo.FiniteDifference):
+    """A finite difference with a wrong scale (what a bug in the engine would look like)."""
+
+    def vjp(self, run, u, wrt):
+        return {r: {k: 1.5 * v for k, v in t.items()} for r, t in super().vjp(run, u, wrt).items()}
+
+
+def test_finite_difference_is_checked_at_its_limit_and_its_configured_error_reported():
+    """Quadratic lower problem: DARTS' difference is exact at any radius, so the configured error is
+    rounding; a wrongly scaled difference is a MISMATCH whatever the radius."""
+    report = mlo.check_hypergradient(_ridge(mlo.FiniteDifference(eps=0.01), steps=1), "outer")
+    assert report.ok and report.reference == mlo.check.COMPOSITION, str(report)
+    assert report.configured_error is not None and report.configured_error < 1e-7
+    assert "at their configured radius the relative error is" in str(report)
+    broken = mlo.check_hypergradient(_ridge(_BrokenFD(eps=0.01), steps=1), "outer")
+    assert not broken.ok and broken.rel_error == pytest.approx(0.5, rel=1e-3), str(broken)
+    assert mlo.check_hypergradient(_ridge(mlo.Unrolled(steps=1), steps=1), "outer").configured_error is None
 
 
 def test_low_precision_is_refused_or_warned():
