@@ -6,6 +6,7 @@ gives all of them the same command line::
 
     --config YAML  --set KEY=VALUE  --out DIR  --resume DIR  --overwrite  --seed N
     --device {auto,cpu,cuda}  --no-progress  --tensorboard  --print-config
+    --nproc N    (data-parallel programs only: :mod:`.launch`)
 
 and the same rules for the output folder:
 
@@ -17,7 +18,7 @@ and the same rules for the output folder:
   config is saved back, so the folder always says what ran; ``--config`` and a
   different ``--out`` are refused;
 - every bad path or setting is one line on stderr and exit code 2 (under ``torchrun``
-  only rank 0 prints it).
+  only rank 0 prints it; ``--nproc`` checks it before starting any worker).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import torch
 import mlo
 import mlo.checkpoint
 
+from . import launch
 from .config import ConfigError, config_keys, load_config, save_config
 
 __all__ = ["LoggingConfig", "Program", "Run", "Interrupted", "build_parser", "open_run", "cli_main",
@@ -81,6 +83,7 @@ class Program:
     outputs: tuple[str, ...] = ()                # the program's own files, removed by --overwrite
     extra_args: Callable[[argparse.ArgumentParser], None] | None = None
     overrides_from_args: Callable[[argparse.Namespace], list[str]] | None = None  # program flags -> --set items
+    data_parallel: bool = False                  # runs under torchrun; offers --nproc N (applications.common.launch)
 
 
 @dataclass
@@ -130,6 +133,8 @@ class Run:
 
     def resume_command(self, processes: int = 1) -> str:
         """The command line that continues this run (``torchrun`` when it ran on several processes)."""
+        if processes > 1 and os.environ.get(launch.LAUNCHER_ENV):
+            return f"python -m {self.program.module} --nproc {processes} --resume {self.out}"
         if processes > 1:
             local = int(os.environ.get("LOCAL_WORLD_SIZE", processes))
             nodes = max(processes // max(local, 1), 1)
@@ -168,6 +173,9 @@ def build_parser(program: Program) -> argparse.ArgumentParser:
     add("--no-progress", action="store_true", help="no progress bar (--set logging.progress=false)")
     add("--tensorboard", action="store_true", help="also write TensorBoard logs (--set logging.tensorboard=true)")
     add("--print-config", action="store_true", help="print the resolved configuration (every key) and exit")
+    if program.data_parallel:
+        add("--nproc", type=int, metavar="N", help="data parallel in N processes on this machine (torchrun's "
+                                                   "launcher, one-line errors; docs/distributed.md)")
     return parser
 
 
@@ -326,6 +334,7 @@ def cli_main(program: Program, body: Callable[[Run], dict], argv: list[str] | No
     0 done; 2 bad configuration, path or checkpoint (one line on stderr, nothing trained);
     3 stopped on a non-finite value (the last complete checkpoint is kept); 130 interrupted (resumable).
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(program).parse_args(argv)
 
     def error(e: BaseException) -> int:
@@ -333,10 +342,17 @@ def cli_main(program: Program, body: Callable[[Run], dict], argv: list[str] | No
             print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
 
+    nproc = getattr(args, "nproc", None)
     try:
-        run = open_run(program, args)
+        if nproc is not None and nproc < 1:
+            raise ConfigError(f"--nproc {nproc}: need at least 1 process")
+        if nproc is not None and launch.under_launcher():
+            raise ConfigError("--nproc starts the processes itself; under torchrun drop it")
+        run = open_run(program, args)           # in the launching process too: a bad setting starts no workers
     except (ConfigError, mlo.MLOError, ValueError, RuntimeError, OSError) as e:
         return error(e)
+    if nproc is not None and nproc > 1 and not args.print_config:
+        return launch.launch(program.module, launch.strip_nproc(argv), nproc)
     if args.print_config:
         if rank() == 0:
             import yaml

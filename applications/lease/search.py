@@ -4,7 +4,8 @@
 
 With no config it runs the embedded digits preset on the CPU in a few minutes.
 Data parallel on N GPUs (NCCL) or N CPU processes (gloo) when started by ``torchrun``
-(``torchrun --nproc_per_node=N -m applications.lease.search ...``; docs/distributed.md);
+(``torchrun --nproc_per_node=N -m applications.lease.search ...``, or ``--nproc N`` on one
+machine with one-line errors; docs/distributed.md);
 ``data.batch_size`` is then the per-process batch and only rank 0 writes. The flags and
 the run-folder rules are every program's (``applications.common.run_folder``); the
 search space is looked up in ``spaces.SPACES``.
@@ -40,14 +41,16 @@ DEFAULT_CONFIG = os.path.join(CONFIG_DIR, "digits.yaml")
 PROGRAM = Program(
     module="applications.lease.search", config_cls=SearchConfig, default_config=DEFAULT_CONFIG,
     description="LeaSE architecture search (or its DARTS-family baseline). Data parallel when started by "
-                "torchrun (docs/distributed.md). Exit codes: 0 done, 2 bad configuration, path or checkpoint, "
+                "torchrun or with --nproc N (docs/distributed.md). Exit codes: 0 done, 2 bad configuration, "
+                "path or checkpoint, "
                 "3 stopped on a non-finite value, 130 interrupted (resumable).",
     default_out=lambda cfg: os.path.join("runs", f"{cfg.mode}-{cfg.name}"),
     examples=[[], ["--set", "epochs=2", "--set", "max_steps_per_epoch=4", "--out", "runs/quick"],
               ["--config", "applications/lease/configs/cifar10-darts-2nd-resnet18.yaml", "--set", "data.root=data"],
               ["--set", "space.name=pdarts", "--set", "mode=baseline", "--overwrite"],
               ["--resume", "runs/lease-digits", "--set", "nan_policy=skip"]],
-    outputs=("alphas.jsonl", "genotype.json", "genotype.txt", "cells.png", "alphas.png", "explanations.png"))
+    outputs=("alphas.jsonl", "genotype.json", "genotype.txt", "cells.png", "alphas.png", "explanations.png"),
+    data_parallel=True)
 
 
 @dataclass

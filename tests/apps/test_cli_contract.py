@@ -182,3 +182,50 @@ def test_under_torchrun_only_rank_0_prints_a_bad_setting(tmp_path):
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error: ")]
     assert lines == ["error: outer_steps: expected int, got 'lots'"], proc.stderr[-3000:]
     assert not (tmp_path / "x").exists()
+
+
+def test_nproc_checks_settings_before_starting_any_worker(tmp_path):
+    """``--nproc 2`` with a bad setting: the launching process says it in one line; no worker starts."""
+    out = tmp_path / "x"
+    r = run_module("applications.lease.search", ["--nproc", "2", "--set", "epochs=lots", "--out", str(out)],
+                   expect=2, timeout=300)
+    assert r.stderr.strip().splitlines() == ["error: epochs: expected int, got 'lots'"], r.stderr[-3000:]
+    assert not out.exists()
+    r = run_module("applications.lease.search", ["--nproc", "0"], expect=2, timeout=300)
+    assert r.stderr.strip() == "error: --nproc 0: need at least 1 process"
+
+
+@pytest.mark.parametrize("code, expected", [(2, 2), (5, 1)])
+def test_nproc_launcher_turns_a_worker_failure_into_one_line(code, expected):
+    """A program's own exit code (2) passes through after rank 0's line; a crash (5) is summarised in one
+    line; either way there is no launcher traceback or failure table."""
+    import subprocess
+    import sys
+
+    from tests.subproc import ROOT, child_env
+    script = ("import sys; from applications.common.launch import launch; "
+              f"sys.exit(launch('tests.apps.launch_worker', ['{code}'], 2))")
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=child_env(), capture_output=True, text=True,
+                       timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == expected, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "ChildFailedError" not in r.stderr, r.stderr[-3000:]
+    summary = ["error: 2 of 2 processes failed; the first was rank 0 (exit code 5); its output is above",
+               "error: 2 of 2 processes failed; the first was rank 1 (exit code 5); its output is above"]
+    if code == 2:
+        assert lines == ["error: worker says no (2)"], lines
+    else:
+        assert lines[0] == "error: worker says no (5)" and lines[1] in summary and len(lines) == 2, lines
+
+
+def test_resume_hint_names_the_launcher_that_started_the_run(monkeypatch):
+    from applications.common import launch
+    from applications.common.run_folder import Run
+    from applications.lease.search import PROGRAM
+    run = Run(PROGRAM, None, "runs/x", None)
+    monkeypatch.delenv(launch.LAUNCHER_ENV, raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert run.resume_command(2) == "torchrun --nnodes=1 --nproc_per_node=2 -m applications.lease.search --resume runs/x"
+    monkeypatch.setenv(launch.LAUNCHER_ENV, "2")
+    assert run.resume_command(2) == "python -m applications.lease.search --nproc 2 --resume runs/x"
+    assert run.resume_command(1) == "python -m applications.lease.search --resume runs/x"
