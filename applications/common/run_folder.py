@@ -42,7 +42,7 @@ import mlo.checkpoint
 from . import launch
 from .config import ConfigError, config_keys, load_config, save_config
 
-__all__ = ["LoggingConfig", "Program", "Run", "Interrupted", "build_parser", "open_run", "cli_main",
+__all__ = ["LoggingConfig", "Program", "Run", "Interrupted", "RunFailed", "build_parser", "open_run", "cli_main",
            "trim_logs", "one_line", "rank", "pick_device"]
 
 CHECKPOINT = "checkpoint.pt"
@@ -68,6 +68,10 @@ class LoggingConfig:
 
 class Interrupted(Exception):
     """Ctrl-C (or SIGTERM) arrived and the checkpoint has been written; the run can be resumed."""
+
+
+class RunFailed(Exception):
+    """Part of the work failed for a reason the program has reported (exit code 1, one line)."""
 
 
 @dataclass
@@ -96,6 +100,8 @@ class Run:
     device: torch.device
     resume: bool = False
     overwrite: bool = False
+    args: Any = None                      # the parsed flags (a program's own action flags, e.g. --report-only)
+    argv: list[str] = field(default_factory=list)   # the command line as given
 
     @property
     def checkpoint(self) -> str:
@@ -227,7 +233,7 @@ def open_run(program: Program, args: argparse.Namespace) -> Run:
                           "or start over with --overwrite (removes it), or choose another --out")
     flag = args.device or "auto"
     device = pick_device(flag if flag != "auto" else getattr(cfg, "device", "auto"))
-    return Run(program, cfg, out, device, resume=bool(args.resume), overwrite=bool(args.overwrite))
+    return Run(program, cfg, out, device, resume=bool(args.resume), overwrite=bool(args.overwrite), args=args)
 
 
 def holds_run(folder: str) -> bool:
@@ -331,7 +337,8 @@ def one_line(e: BaseException) -> str:
 def cli_main(program: Program, body: Callable[[Run], dict], argv: list[str] | None = None) -> int:
     """Parse, resolve and run ``body(run)``; print its result. Exit codes are the same for every program:
 
-    0 done; 2 bad configuration, path or checkpoint (one line on stderr, nothing trained);
+    0 done; 1 part of the work failed (:class:`RunFailed`, one line);
+    2 bad configuration, path or checkpoint (one line on stderr, nothing trained);
     3 stopped on a non-finite value (the last complete checkpoint is kept); 130 interrupted (resumable).
     """
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -349,6 +356,7 @@ def cli_main(program: Program, body: Callable[[Run], dict], argv: list[str] | No
         if nproc is not None and launch.under_launcher():
             raise ConfigError("--nproc starts the processes itself; under torchrun drop it")
         run = open_run(program, args)           # in the launching process too: a bad setting starts no workers
+        run.argv = argv
     except (ConfigError, mlo.MLOError, ValueError, RuntimeError, OSError) as e:
         return error(e)
     if nproc is not None and nproc > 1 and not args.print_config:
@@ -372,6 +380,10 @@ def cli_main(program: Program, body: Callable[[Run], dict], argv: list[str] | No
         return 130
     except mlo.NonFiniteError:
         return 3
+    except RunFailed as e:
+        if rank() == 0:
+            print(f"error: {one_line(e)}", file=sys.stderr)
+        return 1
     except (ConfigError, mlo.MLOError, OSError) as e:
         return error(e)
     if rank() == 0:

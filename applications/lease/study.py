@@ -1,9 +1,14 @@
 """``python -m applications.lease.study``: does LeaSE find better cells than its baseline and random cells?
 
-    python -m applications.lease.study [--config SEARCH_YAML] [--train-config TRAIN_YAML] [--out DIR]
-        [--seeds 5] [--eval-seeds 3] [--methods lease,baseline,random,lease-exact,lease-pgd]
-        [--set key=value ...] [--train-set key=value ...] [--data-root DIR] [--device auto|cpu|cuda]
-        [--jobs 1] [--quick] [--report-only]
+    python -m applications.lease.study [--config STUDY_YAML] [--set key=value ...] [--out DIR] [--resume DIR]
+        [--search-config SEARCH_YAML] [--train-config TRAIN_YAML] [--seeds 5] [--eval-seeds 3]
+        [--methods lease,baseline,...] [--search-set key=value ...] [--train-set key=value ...]
+        [--data-root DIR] [--device auto|cpu|cuda] [--jobs 1] [--quick] [--report-only]
+
+The flags and folder rules are every program's (``applications.common.run_folder``):
+``--config`` is a study preset (``configs/study_<task>.yaml``: which search preset,
+train preset, methods and seeds; :class:`StudyConfig`), a second study into the
+same folder is refused, and ``--resume DIR`` continues one.
 
 For every seed: each search method runs ``applications.lease.search`` with
 ``seed=<seed>`` (the same seed across methods, so the comparisons are paired),
@@ -19,13 +24,12 @@ search sees. Methods:
 * ``random``: no search.
 
 Every (method, seed) has its own folder ``runs/<method>/seed<N>/`` with
-``search/`` and ``eval<K>/``; a re-run skips what has finished and resumes
-(``--resume``) what was interrupted. The table (``study.json``, ``study.md``,
+``search/`` and ``eval<K>/``; ``--resume`` skips what has finished and resumes
+what was interrupted. The table (``study.json``, ``study.md``,
 ``study.png``; :mod:`.study_table`) is rewritten after every finished run.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -36,14 +40,17 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Literal
 
 from applications.common import ConfigError, load_config
+from applications.common.run_folder import Interrupted, LoggingConfig, Program, Run, RunFailed, cli_main
 
 from . import arch_stats, study_table
 from .config import SearchConfig
 from .spaces.genotype import PRIMITIVES, genotype_to_json
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 METHODS = {
     "lease": [],
     "baseline": ["mode=baseline"],
@@ -54,6 +61,38 @@ METHODS = {
 CORE = ("lease", "baseline", "random")
 QUICK_SEARCH = ["epochs=2", "max_steps_per_epoch=6", "arch_start_epoch=1", "log_every=2"]
 QUICK_TRAIN = ["train.epochs=4"]
+
+
+@dataclass
+class StudyConfig:
+    """What a study runs (``configs/study_<task>.yaml``; ``--print-config`` shows every key)."""
+
+    search_config: str = ""          # search preset (empty: the digits preset)
+    train_config: str = ""           # evaluation preset (empty: train_<dataset>_study.yaml, else train_<dataset>.yaml)
+    methods: list[Literal["lease", "baseline", "lease-exact", "lease-pgd", "random"]] = field(
+        default_factory=lambda: list(METHODS))
+    seeds: int = 5                   # search seeds per method
+    seed: int | None = None          # the first (None: the search preset's seed, so lease/seed<it> is its own run)
+    eval_seeds: int = 3              # trainings from scratch per cell
+    search_set: list[str] = field(default_factory=list)     # KEY=VALUE for every search method's search
+    train_set: list[str] = field(default_factory=list)      # KEY=VALUE for every training
+    data_root: str = ""              # sets data.root of the searches and trainings
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    jobs: int = 1                    # (method, seed) runs at once (CPU: at most the cores)
+    target_ops: list[str] | None = None     # ops the task should favour (synthetic task: its TARGET_OPS)
+    quick: bool = False              # short searches and trainings (with seeds=2, eval_seeds=1: --quick)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> None:
+        for key in ("seeds", "eval_seeds", "jobs"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be at least 1, got {getattr(self, key)}")
+        if not self.methods:
+            raise ConfigError(f"methods: empty; choose from {', '.join(METHODS)}")
+        for key in ("search_set", "train_set"):
+            bad = [kv for kv in getattr(self, key) if "=" not in kv]
+            if bad:
+                raise ConfigError(f"{key}: {bad[0]!r} is not KEY=VALUE")
 
 
 class StudyStopped(Exception):
@@ -76,6 +115,7 @@ class Study:
     target_ops: list[str] | None = None
     nodes: int = 4
     command: str = ""
+    child_flags: list[str] = field(default_factory=list)    # for every search and training (--tensorboard)
 
     def folder(self, method: str, seed: int) -> str:
         return os.path.join(self.out, "runs", method, f"seed{seed}")
@@ -93,8 +133,8 @@ def default_train_config(dataset: str) -> str:
 class Progress:
     """One line per event: what runs now, how many (method, seed) runs are done and left."""
 
-    def __init__(self, total: int):
-        self.total, self.done, self.running, self.lock = total, 0, {}, threading.Lock()
+    def __init__(self, total: int, show: bool = True):
+        self.total, self.done, self.running, self.lock, self.show = total, 0, {}, threading.Lock(), show
 
     def start(self, key: str, what: str) -> None:
         with self.lock:
@@ -108,6 +148,8 @@ class Progress:
             self._line()
 
     def _line(self) -> None:
+        if not self.show:
+            return
         now = "; ".join(self.running.values()) or "-"
         print(f"[study] {self.done}/{self.total} runs done, {self.total - self.done} left; running: {now}",
               file=sys.stderr, flush=True)
@@ -146,7 +188,7 @@ def _search(study: Study, method: str, seed: int, progress: Progress, key: str) 
             for kv in METHODS[method] + study.search_set:
                 args += ["--set", kv]
         os.makedirs(study.folder(method, seed), exist_ok=True)
-        _child("applications.lease.search", args + ["--device", study.device],
+        _child("applications.lease.search", args + ["--device", study.device, *study.child_flags],
                os.path.join(study.folder(method, seed), "search.log"))
     return os.path.join(run, "genotype.json")
 
@@ -178,7 +220,7 @@ def _evaluate(study: Study, method: str, seed: int, genotype: str, progress: Pro
                     "--set", f"seed={e}"]
             for kv in study.train_set:
                 args += ["--set", kv]
-        _child("applications.lease.train", args + ["--device", study.device],
+        _child("applications.lease.train", args + ["--device", study.device, *study.child_flags],
                os.path.join(study.folder(method, seed), f"eval{e}.log"))
 
 
@@ -191,16 +233,14 @@ def run_one(study: Study, method: str, seed: int, progress: Progress, lock: thre
         study_table.write(study)
 
 
-def run_study(study: Study, jobs: int = 1) -> int:
+def run_study(study: Study, jobs: int = 1, progress: bool = True) -> int:
     """Run what is missing; 0 ok, 1 a run failed, 130 stopped."""
     os.makedirs(study.out, exist_ok=True)
-    with open(os.path.join(study.out, "study_args.json"), "w", encoding="utf-8") as fh:
-        json.dump({k: v for k, v in study.__dict__.items()}, fh, indent=1)
     # seed-major over lease, baseline and random first (the paired headline), then the variants
     core = [m for m in study.methods if m in CORE]
     rest = [m for m in study.methods if m not in CORE]
     tasks = [(m, s) for s in study.seeds for m in core] + [(m, s) for s in study.seeds for m in rest]
-    progress, lock, failed, stopped = Progress(len(tasks)), threading.Lock(), [], []
+    progress, lock, failed, stopped = Progress(len(tasks), progress), threading.Lock(), [], []
 
     def task(ms):
         if stopped:
@@ -219,78 +259,134 @@ def run_study(study: Study, jobs: int = 1) -> int:
         stopped.append("Ctrl-C")
     study_table.write(study)
     if stopped:
-        print(f"[study] stopped ({stopped[0]}); continue with:\n  {study.command}", file=sys.stderr)
         return 130
     print(f"[study] table in {os.path.join(study.out, 'study.md')}", file=sys.stderr)
     return 1 if failed else 0
 
 
-def build_study(args, argv: list[str]) -> Study:
-    config = args.config or os.path.join(CONFIG_DIR, "digits.yaml")
-    search_set = (QUICK_SEARCH if args.quick else []) + list(args.search_set)
-    train_set = (QUICK_TRAIN if args.quick else []) + list(args.train_set)
-    if args.data_root:
-        search_set.append(f"data.root={args.data_root}")
-        train_set.append(f"data.root={args.data_root}")
-    cfg = load_config(SearchConfig, config, search_set)       # fails now on a bad preset or key
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise ConfigError(f"--methods: unknown {unknown or methods}; choose from {', '.join(METHODS)}")
-    if cfg.space.name != "darts" and "random" in methods:
-        raise ConfigError(f"--methods random samples from the DARTS space; space.name is {cfg.space.name!r}")
-    seeds = 2 if args.quick and args.seeds is None else (args.seeds or 5)
-    eval_seeds = 1 if args.quick and args.eval_seeds is None else (args.eval_seeds or 3)
-    target = args.target_ops.split(",") if args.target_ops else None
-    first = cfg.seed if args.first_seed is None else args.first_seed
-    if target is None and cfg.data.name == "synthetic":
+def build_study(cfg: StudyConfig, out: str, command: str) -> Study:
+    """The plan of a study: its presets resolved and checked (a bad search preset or key fails here)."""
+    config = _search_config(cfg)
+    search_set = (QUICK_SEARCH if cfg.quick else []) + list(cfg.search_set)
+    train_set = (QUICK_TRAIN if cfg.quick else []) + list(cfg.train_set)
+    if cfg.data_root:
+        search_set.append(f"data.root={cfg.data_root}")
+        train_set.append(f"data.root={cfg.data_root}")
+    search = load_config(SearchConfig, config, search_set)
+    if search.space.name != "darts" and "random" in cfg.methods:
+        raise ConfigError(f"methods: random samples from the DARTS space; the search's space.name is "
+                          f"{search.space.name!r}")
+    target = cfg.target_ops
+    if target is None and search.data.name == "synthetic":
         from .synthetic import TARGET_OPS
         target = list(TARGET_OPS)
-    out = args.out or os.path.join("runs", f"study-{cfg.name}" + ("-quick" if args.quick else ""))
-    return Study(out=out, config=config, train_config=args.train_config or default_train_config(cfg.data.name),
-                 methods=methods, seeds=[first + i for i in range(seeds)],
-                 eval_seeds=list(range(eval_seeds)), search_set=search_set, train_set=train_set, device=args.device,
-                 target_ops=target, nodes=cfg.space.nodes,
-                 command=("python -m applications.lease.study " + shlex.join(argv)).strip())
+    first = search.seed if cfg.seed is None else cfg.seed
+    return Study(out=out, config=config, train_config=_resolve(cfg.train_config) if cfg.train_config else default_train_config(search.data.name),
+                 methods=list(cfg.methods), seeds=[first + i for i in range(cfg.seeds)],
+                 eval_seeds=list(range(cfg.eval_seeds)), search_set=search_set, train_set=train_set,
+                 device=cfg.device, target_ops=target, nodes=search.space.nodes, command=command,
+                 child_flags=["--tensorboard"] if cfg.logging.tensorboard else [])
+
+
+def _search_config(cfg: StudyConfig) -> str:
+    return _resolve(cfg.search_config) if cfg.search_config else os.path.join(CONFIG_DIR, "digits.yaml")
+
+
+def _resolve(path: str) -> str:
+    """A preset path as given, or relative to the project root when that is where it is (presets name
+    ``applications/lease/configs/...``, so a study preset works from any folder)."""
+    if os.path.isabs(path) or os.path.exists(path):
+        return path
+    rooted = os.path.join(ROOT, path)
+    return rooted if os.path.exists(rooted) else path
+
+
+def _default_out(cfg: StudyConfig) -> str:
+    name = load_config(SearchConfig, _search_config(cfg), ()).name
+    return os.path.join("runs", f"study-{name}" + ("-quick" if cfg.quick else ""))
+
+
+def _flags(p) -> None:
+    p.add_argument("--search-config", metavar="YAML", help="search preset (--set search_config=YAML)")
+    p.add_argument("--train-config", metavar="YAML", help="evaluation preset (--set train_config=YAML)")
+    p.add_argument("--methods", help=f"comma-separated subset of {', '.join(METHODS)}")
+    p.add_argument("--seeds", type=int, metavar="N", help="search seeds per method (--set seeds=N)")
+    p.add_argument("--eval-seeds", type=int, metavar="N", help="trainings per cell (--set eval_seeds=N)")
+    p.add_argument("--search-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a search setting for every search method (repeatable)")
+    p.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a training setting (repeatable)")
+    p.add_argument("--data-root", metavar="DIR", help="data folder of the searches and trainings")
+    p.add_argument("--jobs", type=int, metavar="N", help="(method, seed) runs at once")
+    p.add_argument("--target-ops", help="comma-separated ops the task should favour")
+    p.add_argument("--quick", action="store_true", help="2 seeds, 1 training each, short searches and trainings")
+    p.add_argument("--report-only", action="store_true", help="rewrite the table from the finished runs; run nothing")
+
+
+def _flag_overrides(args) -> list[str]:
+    items = ["quick=true", "seeds=2", "eval_seeds=1"] if args.quick else []
+    for flag, key in (("search_config", "search_config"), ("train_config", "train_config"), ("seeds", "seeds"),
+                      ("eval_seeds", "eval_seeds"), ("data_root", "data_root"), ("jobs", "jobs")):
+        if getattr(args, flag) is not None:
+            items.append(f"{key}={getattr(args, flag)}")
+    if args.methods is not None:
+        items.append("methods=" + json.dumps([m.strip() for m in args.methods.split(",") if m.strip()]))
+    if args.target_ops is not None:
+        items.append("target_ops=" + json.dumps(args.target_ops.split(",")))
+    for flag in ("search_set", "train_set"):
+        if getattr(args, flag):
+            items.append(f"{flag}=" + json.dumps(getattr(args, flag)))
+    return items
+
+
+PROGRAM = Program(
+    module="applications.lease.study", config_cls=StudyConfig,
+    description="LeaSE against its baseline and random cells: searches, trainings from scratch, a paired table "
+                "(docs/lease.md). Exit codes: 0 done, 1 a run failed (the others finished), 2 bad configuration "
+                "or path, 130 interrupted (resume with --resume).",
+    default_config=os.path.join(CONFIG_DIR, "study_digits.yaml"), default_out=_default_out,
+    examples=[[], ["--quick"], ["--config", "applications/lease/configs/study_synthetic.yaml"],
+              ["--config", "applications/lease/configs/study_cifar10.yaml", "--data-root", "data", "--device", "cuda"],
+              ["--methods", "lease,baseline,random", "--seeds", "3", "--out", "runs/study-small"],
+              ["--resume", "runs/study-digits", "--report-only"]],
+    outputs=("study.json", "study.md", "study.png", "command.txt", "runs"),
+    extra_args=_flags, overrides_from_args=_flag_overrides)
+
+
+def _command(run: Run, argv: list[str]) -> str:
+    """The command that started the study (kept in ``command.txt``; a resume keeps the first one)."""
+    path = os.path.join(run.out, "command.txt")
+    if run.resume and os.path.exists(path):
+        with open(path, encoding="utf-8") as fh:
+            return fh.read().strip()
+    command = ("python -m applications.lease.study " + shlex.join(argv)).strip()
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(command + "\n")
+    return command
+
+
+def _body(run: Run) -> dict:
+    study = build_study(run.cfg, run.out, "")
+    run.start()
+    study.command = _command(run, run.argv)
+    if run.args.report_only:
+        study_table.write(study)
+        run.say(f"[study] table in {os.path.join(study.out, 'study.md')}")
+        return {"table": os.path.join(study.out, "study.md")}
+    t0 = time.time()
+    code = run_study(study, run.cfg.jobs, progress=run.progress)
+    run.say(f"[study] {time.time() - t0:.0f} s this invocation")
+    if code == 130:
+        raise Interrupted("study stopped")
+    if code != 0:
+        raise RunFailed(f"some runs failed (their logs are named above); the others finished; "
+                        f"re-run the failed ones with --resume {run.out}")
+    return {"table": os.path.join(study.out, "study.md")}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit codes: 0 done, 1 a run failed (the others finished), 2 bad arguments, 130 interrupted (re-run to resume)."""
-    p = argparse.ArgumentParser(prog="python -m applications.lease.study",
-                                description="LeaSE against its baseline and random cells: searches, "
-                                            "trainings from scratch, a paired table (docs/lease.md).")
-    p.add_argument("--config", help="search preset (default: the digits preset)")
-    p.add_argument("--train-config", help="evaluation preset (default: train_<dataset>_study.yaml or train_<dataset>.yaml)")
-    p.add_argument("--out", help="study folder (default runs/study-<name>)")
-    p.add_argument("--seeds", type=int, default=None, help="search seeds (default 5; --quick 2)")
-    p.add_argument("--first-seed", type=int, default=None,
-                   help="first seed (default: the preset's seed, so lease/seed<it> is the preset's own run)")
-    p.add_argument("--eval-seeds", type=int, default=None, help="trainings per cell (default 3; --quick 1)")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
-    p.add_argument("--set", dest="search_set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a search setting for every search method")
-    p.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE", help="override a train setting")
-    p.add_argument("--data-root", help="data folder (sets data.root for the searches and the trainings)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--jobs", type=int, default=1, help="(method, seed) runs at once (CPU: at most the cores)")
-    p.add_argument("--target-ops", help="ops the task should favour (default for the synthetic task: its TARGET_OPS)")
-    p.add_argument("--quick", action="store_true", help="2 seeds, 1 evaluation each, short searches and trainings")
-    p.add_argument("--report-only", action="store_true", help="rewrite the table from the finished runs; run nothing")
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = p.parse_args(argv)
-    try:
-        study = build_study(args, argv)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.report_only:
-        study_table.write(study)
-        print(f"[study] table in {os.path.join(study.out, 'study.md')}", file=sys.stderr)
-        return 0
-    t0 = time.time()
-    code = run_study(study, args.jobs)
-    print(f"[study] {time.time() - t0:.0f} s this invocation", file=sys.stderr)
-    return code
+    """Exit codes: 0 done, 1 a run failed (the others finished), 2 bad arguments, 130 interrupted (resume)."""
+    return cli_main(PROGRAM, _body, argv)
 
 
 if __name__ == "__main__":

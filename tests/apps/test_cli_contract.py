@@ -45,6 +45,10 @@ QUICK = {
                             "--set", "methods=[no_ignore]", "--set", "final.steps=2", *CPU],
 }
 PROGRAMS = sorted(QUICK)
+#: The study runs other programs; its own contract (second run refused, resume) is in tests/lease/test_study.py.
+STUDY = ["--seeds", "1", "--eval-seeds", "1", "--methods", "lease,random", "--search-set", "epochs=1", *CPU]
+ALL = PROGRAMS + ["applications.lease.study"]
+ARGS = {**QUICK, "applications.lease.study": STUDY}
 
 
 def _program(module: str):
@@ -103,10 +107,10 @@ def _main(module: str, argv: list[str], capsys) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-@pytest.mark.parametrize("module", PROGRAMS)
+@pytest.mark.parametrize("module", ALL)
 def test_print_config_shows_every_key_and_writes_nothing(module, tmp_path, capsys):
     out = tmp_path / "run"
-    code, stdout, _ = _main(module, [*QUICK[module], "--out", str(out), "--print-config"], capsys)
+    code, stdout, _ = _main(module, [*ARGS[module], "--out", str(out), "--print-config"], capsys)
     assert code == 0
     printed = yaml.safe_load(stdout)
     keys = set()
@@ -127,13 +131,13 @@ def test_print_config_shows_every_key_and_writes_nothing(module, tmp_path, capsy
     assert code == 0 and seeds.get("seed", seeds.get("seeds")) in (7, [7])
 
 
-@pytest.mark.parametrize("module", PROGRAMS)
+@pytest.mark.parametrize("module", ALL)
 def test_bad_paths_are_one_line_errors(module, tmp_path, capsys):
     code, _, err = _main(module, ["--config", str(tmp_path), "--out", str(tmp_path / "a")], capsys)
     assert code == 2 and "is a folder" in _one_error_line(err)
     blocker = tmp_path / "somefile"
     blocker.write_text("x")
-    code, _, err = _main(module, [*QUICK[module], "--out", str(blocker / "out")], capsys)
+    code, _, err = _main(module, [*ARGS[module], "--out", str(blocker / "out")], capsys)
     assert code == 2 and "--out" in _one_error_line(err)
     assert not (tmp_path / "a").exists()
 
@@ -151,7 +155,7 @@ def test_tensorboard_switch_needs_the_logging_extra(tmp_path, capsys):
         assert code == 2 and "pip install -e '.[logging]'" in _one_error_line(err)
 
 
-@pytest.mark.parametrize("module", PROGRAMS)
+@pytest.mark.parametrize("module", ALL)
 def test_help_lists_config_keys_and_valid_examples(module):
     program = _program(module)
     text = build_parser(program).format_help()

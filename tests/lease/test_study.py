@@ -4,21 +4,24 @@ import os
 
 import pytest
 
-from tests.subproc import run_module
+from tests.subproc import ROOT, run_module
 
-TINY_SEARCH = ["--set", "epochs=2", "--set", "max_steps_per_epoch=2", "--set", "arch_start_epoch=1",
-               "--set", "space.C=2", "--set", "space.nodes=2", "--set", "audience.width=0.0625",
-               "--set", "data.subset_fraction=0.25", "--set", "log_every=1", "--set", "data.batch_size=16"]
+TINY_SEARCH = ["--search-set", "epochs=2", "--search-set", "max_steps_per_epoch=2", "--search-set", "arch_start_epoch=1",
+               "--search-set", "space.C=2", "--search-set", "space.nodes=2", "--search-set", "audience.width=0.0625",
+               "--search-set", "data.subset_fraction=0.25", "--search-set", "log_every=1",
+               "--search-set", "data.batch_size=16"]
 TINY_TRAIN = ["--train-set", "train.epochs=1", "--train-set", "model.C=4", "--train-set", "model.layers=2",
               "--train-set", "data.subset_fraction=0.1"]
 ROW_KEYS = {"method", "seeds_done", "test_acc_mean", "test_acc_std", "per_seed", "search_seconds", "eval_seconds",
             "agreement_edges", "agreement_inputs", "arch_deviation", "arch_margin"}
 
 
-def _study(out, *extra):
-    return run_module("applications.lease.study", ["--out", out, "--seeds", "1", "--first-seed", "0", "--eval-seeds", "2", "--device", "cpu",
-                                                  "--methods", "lease,baseline,random", *TINY_SEARCH, *TINY_TRAIN,
-                                                  *extra])
+FLAGS = ["--seeds", "1", "--seed", "0", "--eval-seeds", "2", "--device", "cpu", "--methods", "lease,baseline,random",
+         *TINY_SEARCH, *TINY_TRAIN]
+
+
+def _study(out, *extra, **kw):
+    return run_module("applications.lease.study", ["--out", out, *FLAGS, *extra], **kw)
 
 
 @pytest.mark.slow
@@ -43,22 +46,34 @@ def test_study_runs_end_to_end_skips_finished_and_resumes(tmp_path):
         assert os.path.exists(os.path.join(out, "runs", method, "seed0", "search", "genotype.json"))
     assert os.path.exists(os.path.join(out, "runs", "random", "seed0", "eval1", "result.json"))
 
-    # finished runs are skipped; a search without its result is resumed with --resume
+    # a second study into the folder is refused (one line, the --resume hint), nothing changes
+    before = open(os.path.join(out, "study.json")).read()
+    again = _study(out, expect=2)
+    assert again.stderr.strip().splitlines() == [
+        f"error: {out} already holds a run; continue it with --resume {out}, or start over with --overwrite "
+        "(removes it), or choose another --out"], again.stderr[-2000:]
+    assert open(os.path.join(out, "study.json")).read() == before
+
+    # --resume skips finished runs; a search without its result is resumed with --resume
     log = os.path.join(out, "runs", "lease", "seed0", "search.log")
     os.remove(os.path.join(out, "runs", "lease", "seed0", "search", "result.json"))
     os.remove(os.path.join(out, "runs", "baseline", "seed0", "eval1", "result.json"))
-    _study(out)
+    run_module("applications.lease.study", ["--resume", out])
     commands = [line for line in open(log) if line.startswith("$ ")]
     assert len(commands) == 2 and "--resume" in commands[1]
     base_log = open(os.path.join(out, "runs", "baseline", "seed0", "eval1.log")).read()
     assert base_log.count("$ python -m applications.lease.train") == 2 and "--resume" in base_log
     assert open(os.path.join(out, "runs", "baseline", "seed0", "search.log")).read().count("$ ") == 1
-    assert json.load(open(os.path.join(out, "study.json")))["rows"][0]["seeds_done"] == 1
+    summary = json.load(open(os.path.join(out, "study.json")))
+    assert summary["rows"][0]["seeds_done"] == 1
+    assert summary["command"].startswith(f"python -m applications.lease.study --out {out} --seeds 1")  # the first
 
 
 def test_study_rejects_unknown_method(tmp_path):
-    proc = run_module("applications.lease.study", ["--out", str(tmp_path), "--methods", "lease,magic"], expect=2)
-    assert "--methods" in proc.stderr and "magic" in proc.stderr
+    proc = run_module("applications.lease.study", ["--out", str(tmp_path / "s"), "--methods", "lease,magic"],
+                      expect=2)
+    assert proc.stderr.startswith("error: methods") and "magic" in proc.stderr and "lease-pgd" in proc.stderr
+    assert not (tmp_path / "s").exists()
 
 
 def test_study_takes_a_paper_preset_unchanged(tmp_path):
@@ -66,10 +81,12 @@ def test_study_takes_a_paper_preset_unchanged(tmp_path):
     --report-only writes the (empty) table without running anything."""
     out = str(tmp_path / "c10")
     run_module("applications.lease.study", ["--out", out, "--config",
-                                            "applications/lease/configs/cifar10-darts-2nd-resnet18.yaml",
-                                            "--data-root", str(tmp_path / "data"), "--device", "cpu", "--report-only"])
+                                            os.path.join(ROOT, "applications/lease/configs/study_cifar10.yaml"),
+                                            "--data-root", str(tmp_path / "data"), "--device", "cpu", "--report-only"],
+               cwd=str(tmp_path))          # the preset's paths resolve from any folder
     summary = json.load(open(os.path.join(out, "study.json")))
+    assert summary["config"].endswith("cifar10-darts-2nd-resnet18.yaml")
     assert summary["train_config"].endswith("train_cifar10.yaml")
-    assert summary["seeds"] == [2, 3, 4, 5, 6] and summary["eval_seeds"] == 3
-    assert [r["seeds_done"] for r in summary["rows"]] == [0] * 5
+    assert summary["seeds"] == [2, 3, 4, 5, 6] and summary["eval_seeds"] == 1
+    assert [r["seeds_done"] for r in summary["rows"]] == [0] * 3
     assert not os.path.exists(os.path.join(out, "runs"))
