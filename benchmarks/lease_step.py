@@ -10,6 +10,10 @@ paper), built by ``applications.lease.problems.build_problems``:
   edge first-order (what signed PGD steps or a detached δ do), so the audience's
   validation loss no longer reaches A. It shows where the paper's cost ratio sits.
 
+``--variants exact`` times instead DARTS-2nd and LeaSE-R18 with the exact one-step
+engine on every edge, with and without ``Unrolled(reuse_step_graph=True)`` (the real
+step keeps its gradient's graph and the edge is a double backward through it).
+
 The paper's search-cost table implies a LeaSE step costs 1.13–1.27× a DARTS-2nd
 step (1.7/1.5 and 1.9/1.5 GPU-days). Goal: ≤ 1.3×.
 
@@ -36,6 +40,25 @@ VARIANTS = {"DARTS-2nd": ("baseline", "resnet18", {}), "LeaSE-R18": ("lease", "r
             "LeaSE-R50": ("lease", "resnet50", {}),
             # ablation, not the paper's chain: the Δ' -> E' link cut (what signed PGD steps do)
             "LeaSE-R18, Δ edge cut": ("lease", "resnet18", {"engines.explanation.name": "first_order"})}
+EDGES = {"baseline": ("explainer",), "lease": ("explainer", "explanation", "audience")}
+
+
+def _exact(mode: str, reuse: bool) -> dict:
+    """Every edge on the exact one-step engine; with ``reuse``, through the real step's kept graph."""
+    out = {}
+    for e in EDGES[mode]:
+        out[f"engines.{e}.name"] = "unrolled"
+        if reuse:
+            out[f"engines.{e}.reuse_step_graph"] = "true"
+    return out
+
+
+# the exact engine, and the same with Unrolled(reuse_step_graph=True) (``--variants exact``)
+EXACT = {"DARTS-2nd, exact": ("baseline", "resnet18", _exact("baseline", False)),
+         "DARTS-2nd, exact, step graph": ("baseline", "resnet18", _exact("baseline", True)),
+         "LeaSE-R18, exact": ("lease", "resnet18", _exact("lease", False)),
+         "LeaSE-R18, exact, step graph": ("lease", "resnet18", _exact("lease", True))}
+ALL = {**VARIANTS, **EXACT}
 GOAL_VARIANTS = ("LeaSE-R18", "LeaSE-R50")
 STAGES = ("explainer", "explanation", "audience", "architecture")
 
@@ -57,6 +80,10 @@ class TimedEngine(mlo.Engine):
     def passes_adjoint(self):  # type: ignore[override]
         return self.inner.passes_adjoint
 
+    @property
+    def keeps_step_graph(self):  # type: ignore[override]
+        return self.inner.keeps_step_graph
+
     def reference(self) -> mlo.Engine:
         return self.inner.reference()
 
@@ -71,7 +98,7 @@ class TimedEngine(mlo.Engine):
 
 def build(variant: str, size: str, seed: int, device, timed: bool = False):
     """``(step(), marks)``: with ``timed``, ``marks`` collects stage end times and edge VJP times."""
-    mode, audience, extra = VARIANTS[variant]
+    mode, audience, extra = ALL[variant]
     cfg = nas.config(size, mode=mode, audience=audience, **extra)
     fx = nas.fixture(cfg, size, seed, device)
     marks = {"ends": {}, "starts": {}, "edges": defaultdict(float)}
@@ -133,15 +160,16 @@ def memory_child(variant: str, size: str, seed: int, device: str, warmup: int) -
 
 def run(args) -> dict:
     device = torch.device(args.device)
-    fns = {v: build(v, args.size, args.seed, device)[0] for v in VARIANTS}
+    chosen = {"paper": list(VARIANTS), "exact": ["DARTS-2nd", *EXACT], "all": list(ALL)}[args.variants]
+    fns = {v: build(v, args.size, args.seed, device)[0] for v in chosen}
     times = common.time_interleaved(fns, args.reps, args.warmup, device)
     mem = {}
     if not args.no_memory and common.memory_supported(device):
-        for v in VARIANTS:
+        for v in chosen:
             mem[v] = common.isolated("benchmarks.lease_step:memory_child", device, variant=v, size=args.size,
                                      seed=args.seed, device=str(device), warmup=args.warmup)
     rows, goals, stages = [], [], {}
-    for v in VARIANTS:
+    for v in chosen:
         t = common.summary(times[v])
         r = common.paired_ratio(times[v], times["DARTS-2nd"])
         stages[v] = breakdown(v, args.size, args.seed, device, args.reps, args.warmup)
@@ -190,7 +218,11 @@ def plot(result: dict, path: str) -> None:
 
 
 def main(argv=None) -> int:
-    args = common.finish_args(common.parser("lease_step", __doc__.splitlines()[0], reps=5, warmup=1).parse_args(argv))
+    parser = common.parser("lease_step", __doc__.splitlines()[0], reps=5, warmup=1)
+    parser.add_argument("--variants", choices=("paper", "exact", "all"), default="paper",
+                        help="paper: DARTS-2nd and the LeaSE steps as the paper runs them (finite differences); "
+                             "exact: the exact one-step engine with and without Unrolled(reuse_step_graph=True)")
+    args = common.finish_args(parser.parse_args(argv))
     result = run(args)
     common.write_outputs(args, result, markdown(result), lambda p: plot(result, p))
     return 0

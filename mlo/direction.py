@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor
 
@@ -25,3 +26,4 @@ class Direction:
     metrics: dict[str, Tensor]
     adjoints: dict[str, Tree] = field(default_factory=dict)
     checks: list = field(default_factory=list)
+    kept_graph: Any = None     # (∇ with its graph, read leaves) when an edge engine reuses the step's graph

@@ -67,6 +67,9 @@ class Stepper:
         self.constants_seen: dict[str, dict[str, Tree]] = {}
         self.undeclared_constants: dict[str, set[str]] = defaultdict(set)
         self._sparse = any(p.rows is not None for p in graph.problems.values())
+        # reads whose edge engine differentiates through the real step's own gradient graph
+        self._keep_graph = {q: [r for r in graph.problems[q].reads if graph.engines[(q, r)].keeps_step_graph]
+                            for q in graph.differentiated}
 
     # ---------------------------------------------------------------- public
     @property
@@ -110,7 +113,9 @@ class Stepper:
                 batch = self._next_batch(problem, k)
                 rmap = rowsmod.batch_rows(self.graph, problem, batch) if self._sparse else {}
                 state = rng.capture_torch()
-                d = self._direction(problem, batch, constants, keep_adjoints, rmap)
+                kept = [r for r in self._keep_graph.get(name, ()) if r not in rmap] if k == problem.steps - 1 \
+                    else []
+                d = self._direction(problem, batch, constants, keep_adjoints, rmap, kept)
                 if name == stop_at:
                     return d
                 if recorded:
@@ -121,7 +126,7 @@ class Stepper:
                         snap = (updates.snapshot(problem.torch_optimizer, problem.params_tree, problem.grad_clip)
                                 if keep else None)
                         grad = clone(d.total) if keep else None   # clipping below works in place
-                    records.append(StepRecord(params, batch, state, snap, grad, rmap))
+                    records.append(StepRecord(params, batch, state, snap, grad, rmap, d.kept_graph))
                     del records[:-max(keep, 1)]
                 lr = float(problem.torch_optimizer.param_groups[0]["lr"])
                 self._apply(problem, d)
@@ -151,10 +156,17 @@ class Stepper:
         return out
 
     def _direction(self, problem: Problem, batch, constants: dict[str, Tree], keep_adjoints: bool,
-                   rmap: dict | None = None) -> Direction:
-        """Total gradient of P's signed objective: direct part + hypergradient."""
+                   rmap: dict | None = None, keep_graph: list[str] = ()) -> Direction:
+        """Total gradient of P's signed objective: direct part + hypergradient.
+
+        ``keep_graph`` names reads whose edge engine reuses this step's gradient
+        graph: they are bound as leaves, the gradient keeps its graph, and the
+        own parameters are bound as copies (the update must not touch that graph).
+        """
         plan, rmap = self.graph.plans[problem.name], rmap or {}
         own, constants = rowsmod.bind_step(problem, rmap, constants) if rmap else (problem.params_tree, constants)
+        if keep_graph and own is problem.params_tree:
+            own = {k: v.detach().clone().requires_grad_(True) for k, v in own.items()}
         values: dict[str, Tree] = {**constants, problem.name: own}
         seeds: dict[str, Tree] = {}
         for r in problem.reads:
@@ -164,6 +176,8 @@ class Stepper:
             if r in plan.upstream:
                 seeds[r] = detach(live, requires_grad=True)
                 values[r] = seeds[r]
+            elif r in keep_graph:   # a copy: the kept graph must survive later in-place updates of r
+                values[r] = {k: v.detach().clone().requires_grad_(True) for k, v in live.items()}
             else:
                 values[r] = detach(live)
         ctx = Context(self.graph, problem, values, step=self.step_count, real_step=True, rows=rmap or None)
@@ -178,8 +192,13 @@ class Stepper:
         targets = {("", k): v for k, v in own.items()}
         targets.update({(r, k): v for r, t in seeds.items() for k, v in t.items()})
         keys = list(targets)
+        kept = None
         if loss.requires_grad:
-            gs = torch.autograd.grad(loss, [targets[k] for k in keys], allow_unused=True, materialize_grads=True)
+            gs = torch.autograd.grad(loss, [targets[k] for k in keys], allow_unused=True, materialize_grads=True,
+                                     create_graph=bool(keep_graph))
+            if keep_graph:
+                kept = ({k: g for (r, k), g in zip(keys, gs) if r == ""}, {r: values[r] for r in keep_graph})
+                gs = [g.detach().clone() for g in gs]   # the update clips in place; the kept values must stay
         else:  # the objective does not depend on anything this problem can change
             gs = [torch.zeros_like(targets[k]) for k in keys]
         direct: Tree = {}
@@ -212,7 +231,7 @@ class Stepper:
         if hyper is not None:
             m["hypergrad_norm"] = norm(hyper)
         m.update(ctx.metrics)
-        return Direction(total, direct, hyper, m["loss"], m, seen, checks)
+        return Direction(total, direct, hyper, m["loss"], m, seen, checks, kept)
 
     def _sweep(self, problem: Problem, plan, adjoints: dict[str, Tree], checks, seen, direct: Tree) -> Tree:
         """Reverse accumulation: each edge's VJP once, adjoints summed per problem."""

@@ -30,6 +30,8 @@ class StepRecord:
     snapshot: updates.Snapshot | None
     grad: Tree | None = None         # the update direction the step used (before clipping), if kept
     rows: dict = field(default_factory=dict)   # {row-sparse problem: the mlo.rows.Rows this batch named}
+    # (∇_w loss with its graph, {read: leaves}) of this step, kept for an engine with ``keeps_step_graph``
+    graph: Any = None
 
 
 @dataclass
@@ -80,6 +82,8 @@ class Engine(abc.ABC):
     needs_records: int = 0
     #: whether this engine propagates an adjoint to the reads (False: the edge is cut)
     passes_adjoint: bool = True
+    #: whether the problem's real (last) step must keep its gradient's graph for this engine
+    keeps_step_graph: bool = False
 
     @abc.abstractmethod
     def vjp(self, site: RunRecord, u: Tree, wrt: list[str]) -> dict[str, Tree]:

@@ -76,7 +76,7 @@ def _field_types(cls) -> dict[str, Any]:
 
 
 def _coerce(value, tp, where: str):
-    """``value`` checked against the field type ``tp`` (int, float, or ``X | None``)."""
+    """``value`` checked against the field type ``tp`` (int, float, bool, or ``X | None``)."""
     optional = False
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -85,6 +85,10 @@ def _coerce(value, tp, where: str):
         if optional:
             return None
         raise ConfigError(f"{where}: expected {_describe(tp)}, got None")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{where}: expected {_describe(tp)}{' or null' if optional else ''}, got {value!r}")
     if tp is int:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import updates
-from ..errors import GraphError
+from ..errors import ConfigError, GraphError
 from ..tree import Tree, grads
 from .base import Engine, RunRecord, check_int
 
@@ -20,12 +20,32 @@ class Unrolled(Engine):
     optimizer's real update rule (momentum, weight decay, Adam's scaling,
     gradient clipping). ``steps=K`` reverses through the problem's last K steps
     (it must take at least K steps per run); memory grows as O(K).
+
+    ``reuse_step_graph=True`` (one step only): the problem's real step keeps the
+    graph of its gradient (``create_graph``), and this edge's VJP is a double
+    backward through it — no second forward and backward of the objective. The
+    same number as without; the cost moves from time to memory (the step's graph
+    lives until the sweep that uses it). Not for reads that are row-sparse tables
+    (those fall back to the recomputation).
     """
 
     steps: int = 1
+    reuse_step_graph: bool = False
 
     def __post_init__(self):
         check_int("Unrolled", "steps", self.steps, 1)
+        if not isinstance(self.reuse_step_graph, bool):
+            raise ConfigError(f"Unrolled.reuse_step_graph: expected true or false, got {self.reuse_step_graph!r}")
+        if self.reuse_step_graph and self.steps != 1:
+            raise ConfigError(f"Unrolled.reuse_step_graph: needs steps=1 (the real step's graph is one step), "
+                              f"got steps={self.steps}")
+
+    @property
+    def keeps_step_graph(self) -> bool:
+        return self.reuse_step_graph
+
+    def reference(self) -> Engine:
+        return Unrolled(steps=self.steps)
 
     @property
     def needs_records(self) -> int:  # type: ignore[override]
@@ -38,6 +58,9 @@ class Unrolled(Engine):
         updates.check_supported(problem.torch_optimizer, where)
 
     def vjp(self, site: RunRecord, u: Tree, wrt: list[str]) -> dict[str, Tree]:
+        kept = site.last.graph
+        if self.reuse_step_graph and kept is not None and all(r in kept[1] for r in wrt):
+            return _through_step_graph(site.last, kept, u, wrt)
         records = site.records[-self.steps:]
         reads = site.bind(wrt)
         w = {k: v.detach() for k, v in records[0].params.items()}
@@ -59,3 +82,18 @@ class Unrolled(Engine):
                 out[r][k] = flat[i]
                 i += 1
         return out
+
+
+def _through_step_graph(rec, kept, u: Tree, wrt: list[str]) -> dict[str, Tree]:
+    """``(∂g/∂R)ᵀ (∂U/∂g)ᵀ u`` by a double backward through the real step's gradient graph."""
+    g, reads = kept
+    w = {k: t.detach() for k, t in rec.params.items()}
+    v = updates.grad_vjp(rec.snapshot, w, {k: t.detach() for k, t in g.items()}, u)
+    keys = list(g)
+    targets = [(r, k, t) for r in wrt for k, t in reads[r].items()]
+    flat = torch.autograd.grad([g[k] for k in keys], [t for _, _, t in targets], grad_outputs=[v[k] for k in keys],
+                               retain_graph=True, allow_unused=True, materialize_grads=True)
+    out: dict[str, Tree] = {r: {} for r in wrt}
+    for (r, k, _), t in zip(targets, flat):
+        out[r][k] = t
+    return out
