@@ -91,7 +91,7 @@ def stratified_split(labels: Sequence[int], parts: Mapping[str, float | int] | S
     return split if named else list(split.values())
 
 
-def standardize(reference: np.ndarray, *arrays: np.ndarray) -> list[np.ndarray]:
+def standardize(reference: np.ndarray, *arrays: np.ndarray, dtype=np.float32) -> list[np.ndarray]:
     """Scale every array with the mean and standard deviation of ``reference``'s columns.
 
     Constant columns (several digit pixels are always blank) keep a scale of 1.
@@ -99,7 +99,7 @@ def standardize(reference: np.ndarray, *arrays: np.ndarray) -> list[np.ndarray]:
     mean = reference.mean(axis=0, keepdims=True)
     std = reference.std(axis=0, keepdims=True)
     std = np.where(std > 1e-6, std, 1.0)
-    return [((a - mean) / std).astype(np.float32) for a in (reference, *arrays)]
+    return [((a - mean) / std).astype(dtype) for a in (reference, *arrays)]
 
 
 def to_tensors(x: np.ndarray, y: np.ndarray, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,6 +39,7 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from applications.common.cpu import glibc
@@ -364,27 +365,16 @@ def _git_commit() -> str | None:
 
 
 def digits(seed: int = 0, dtype=torch.float64) -> dict[str, torch.Tensor]:
-    """scikit-learn's 8x8 digits, standardised, split 50/25/25 (train/val/test) per class."""
-    from sklearn.datasets import load_digits
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float64) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
-    gen = torch.Generator().manual_seed(seed)
-    parts: dict[str, list[torch.Tensor]] = {"train": [], "val": [], "test": []}
-    for c in range(10):
-        idx = torch.nonzero(y == c).flatten()
-        idx = idx[torch.randperm(len(idx), generator=gen)]
-        n = len(idx)
-        cut = [0, n // 2, n // 2 + n // 4, n]
-        for name, lo, hi in zip(parts, cut[:-1], cut[1:]):
-            parts[name].append(idx[lo:hi])
-    split = {k: torch.sort(torch.cat(v)).values for k, v in parts.items()}
-    mean, std = x[split["train"]].mean(0), x[split["train"]].std(0)
-    std = torch.where(std > 0, std, torch.ones_like(std))
-    x = (x - mean) / std
+    """The embedded digits (``applications.digits``), pixels in [0, 1] standardised on the training
+    part, split 50/25/25 (train/val/test) class by class."""
+    from applications.digits import arrays, standardize, stratified_split
+    pixels, labels = arrays()
+    split = stratified_split(labels, {"train": 0.5, "val": 0.25, "test": 0.25}, seed)
+    xs = standardize(*(pixels[split[k]] / 16.0 for k in split), dtype=np.float64)
     out = {}
-    for k, idx in split.items():
-        out[f"x_{k}"], out[f"y_{k}"] = x[idx].to(dtype), y[idx]
+    for k, x in zip(split, xs):
+        out[f"x_{k}"] = torch.as_tensor(x).to(dtype)
+        out[f"y_{k}"] = torch.as_tensor(labels[split[k]], dtype=torch.long)
     return out
 
 
