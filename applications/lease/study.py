@@ -54,7 +54,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 METHODS = {
     "lease": [],
     "baseline": ["mode=baseline"],
-    "lease-exact": [f"engines.{e}.name=unrolled" for e in ("explainer", "explanation", "audience")],
+    # the exact engine on every edge, through the real steps' kept graphs (the same numbers, faster)
+    "lease-exact": [kv for e in ("explainer", "explanation", "audience")
+                    for kv in (f"engines.{e}.name=unrolled", f"engines.{e}.reuse_step_graph=true")],
     "lease-pgd": ["explain.method=pgd"],
     "random": None,
 }
