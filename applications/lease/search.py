@@ -113,6 +113,8 @@ def run_search(run: Run, env: mlo.distributed.Env | None = None) -> dict:
                 if main:
                     trim_logs(out, lambda row, last=offset + runner.step: row["step"] <= last)
                 ckpt = None
+            elif state.stage > 0:   # a later stage's first checkpoint: its own graph, so a restart resumes it
+                runner.save()
             if runner.step == 0 and main:
                 print(f"stage {state.stage + 1}/{len(plan)}: {total} steps"
                       + (f" on {env.world_size} processes" if env.distributed else "") + f"\n{graph}", file=sys.stderr)
@@ -129,9 +131,10 @@ def run_search(run: Run, env: mlo.distributed.Env | None = None) -> dict:
             if state.stage + 1 < len(plan):       # e.g. P-DARTS: keep the strongest ops, deepen
                 state.carry = space.carry_to_next(cfg, explainer, state.stage)
             state.stage += 1
-            runner.save()
             if state.stage < len(plan):
                 explainer = None
+            else:
+                runner.save()                  # marks the search finished (the stage's own end is saved)
     finally:
         for w in writers:
             w.close()

@@ -128,3 +128,37 @@ def test_paper_presets_cover_the_table():
             for aud in ("resnet18", "resnet50", "baseline"):
                 assert f"{ds}-{method}-{aud}" in names
     assert "imagenet-pc-darts-resnet18" in names
+
+
+@pytest.mark.slow
+def test_pdarts_resumes_at_the_start_of_its_second_stage(tmp_path):
+    """Killed during stage 2 before any checkpoint of it: the run continues at stage 2's first step
+    with stage 2's own graph (it used to load stage 1's graph into stage 2's supernet and stop)."""
+    out = str(tmp_path / "pd")
+    args = search_args(space__name="pdarts", mode="baseline", checkpoint_every=1000, epochs=1,
+                       max_steps_per_epoch=3, **{"pdarts.cells": "[3,4]", "pdarts.ops_kept": "[8,4,1]",
+                                                 "pdarts.dropout": "[0.1,0.2]", "pdarts.epochs": 1,
+                                                 "pdarts.warmup_epochs": 0})
+    proc = subprocess.Popen([sys.executable, "-m", "applications.lease.search", *args, "--out", out], cwd=ROOT,
+                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckpt = os.path.join(out, "checkpoint.pt")
+    try:
+        while proc.poll() is None:     # the checkpoint that opens stage 2 (stage index 1, its step 0)
+            if os.path.exists(ckpt):
+                try:
+                    c = mlo.read_checkpoint(ckpt)
+                except Exception:       # being replaced right now
+                    c = None
+                if c is not None and c.extra["search"]["stage"] == 1:
+                    break
+            time.sleep(0.02)
+    finally:
+        proc.kill()
+        proc.communicate()
+    c = mlo.read_checkpoint(ckpt)
+    assert c.extra["search"]["stage"] == 1 and c.step == 0 and not os.path.exists(os.path.join(out, "result.json"))
+    r = _run(["--resume", out, "--no-progress"])
+    assert "resuming from step 3 (stage 2/2)" in r.stderr, r.stderr[-3000:]
+    result = json.load(open(os.path.join(out, "result.json")))
+    assert result["genotype"].startswith("Genotype(")
+    assert [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))] == list(range(1, 7))
