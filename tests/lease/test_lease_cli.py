@@ -107,7 +107,9 @@ def test_unknown_engine_is_rejected(tmp_path):
 
 
 PRESETS = sorted(f for f in os.listdir(os.path.join(ROOT, "applications", "lease", "configs"))
-                 if f.endswith(".yaml") and not f.startswith("train_"))
+                 if f.endswith(".yaml") and not f.startswith(("train_", "study_")))
+STUDIES = sorted(f for f in os.listdir(os.path.join(ROOT, "applications", "lease", "configs"))
+                 if f.startswith("study_") and f.endswith(".yaml"))
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -119,6 +121,18 @@ def test_every_search_preset_is_a_valid_config(preset):
     assert cfg.name == preset[:-5]
     for edge in ("explainer", "explanation", "audience"):
         assert isinstance(cfg.engines.build(edge), mlo.Engine)
+
+
+@pytest.mark.parametrize("preset", STUDIES)
+def test_every_study_preset_names_valid_search_and_train_presets(preset, tmp_path):
+    """Each study preset resolves to a plan: its search preset, train preset and methods check out."""
+    from applications.common import load_config
+    from applications.lease.study import StudyConfig, build_study
+    cfg = load_config(StudyConfig, os.path.join(ROOT, "applications", "lease", "configs", preset),
+                      ["data_root=some/folder"])
+    study = build_study(cfg, str(tmp_path), "")
+    assert os.path.isfile(study.config) and os.path.isfile(study.train_config)
+    assert study.methods and len(study.seeds) == cfg.seeds
 
 
 def test_paper_presets_cover_the_table():
