@@ -111,15 +111,21 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def time_interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int, device="cpu"
-                     ) -> dict[str, list[float]]:
-    """Seconds per call of every function, run round robin (order rotated each repetition)."""
+def time_interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int, device="cpu",
+                     cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """Seconds per call of every function, run round robin (order rotated each repetition).
+
+    ``cpu``, if given, is filled with the process CPU seconds of each call as well: on a machine shared
+    with other jobs the wall time includes their share of the cores, the CPU time does not (with one
+    intra-op thread it is the step's own compute; on CUDA it is the host side only)."""
     names = list(fns)
     for _ in range(warmup):
         for n in names:
             fns[n]()
     sync(device)
     times: dict[str, list[float]] = {n: [] for n in names}
+    if cpu is not None:
+        cpu.update({n: [] for n in names})
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -127,10 +133,12 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int, 
             shift = r % len(names)
             for n in names[shift:] + names[:shift]:
                 sync(device)
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 fns[n]()
                 sync(device)
                 times[n].append(time.perf_counter() - t0)
+                if cpu is not None:
+                    cpu[n].append(time.process_time() - c0)
             gc.collect()
     finally:
         if enabled:

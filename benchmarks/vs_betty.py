@@ -44,6 +44,7 @@ Goals: ≤ 0.8× Betty's time and ≤ 1.0× its memory on the bilevel cases,
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import logging
 import math
@@ -60,7 +61,7 @@ from applications.lease.models.resnet import build_audience
 from . import common, nas
 
 INSTALL = "pip install --no-deps --ignore-requires-python betty-ml==0.2.1"
-TOL = {"neumann": 1e-9, "cg_k1": 1e-9, "darts_definition": 1e-9}
+TOL = {"neumann": 1e-9, "cg_k1": 1e-9, "darts_definition": 1e-9, "plain_vs_mlo": 1e-10}
 GOALS = {"hpo": (0.8, 1.0), "darts": (0.8, 1.0), "chain": (0.7, None)}
 KS = {"hpo": 5, "darts": 3, "chain": 3}       # Neumann / CG iterations (tiny: 1 on the supernet cases)
 REPS_FACTOR = {"hpo": 10, "darts": 1, "chain": 1}   # millisecond steps need more repetitions
@@ -207,6 +208,38 @@ class HPO:
 
     def lower_lr(self) -> float:
         return self.LR
+
+    def plain(self, eps: float = 0.01):
+        """The finite-difference step written by hand, in mlo's definition (the pre-update point w,
+        v = -η·u for plain SGD, ε = eps/‖v‖): what the step costs with no framework at all.
+        Returns ``(step, theta, hypergradients)``; the list collects θ's gradient of every step."""
+        model, hyper = self.fresh()
+        w, theta = model.weight, hyper["theta"]
+        opt_w, opt_t = torch.optim.SGD([w], lr=self.LR), torch.optim.Adam([theta], lr=0.01)
+        i, seen = [0], []
+
+        def lower(weight, batch):
+            return F.cross_entropy(F.linear(batch[0], weight), batch[1]) + self._reg(weight, theta)
+
+        def step():
+            tr, val = self.batches_tr[i[0] % len(self.batches_tr)], self.batches_val[i[0] % len(self.batches_val)]
+            i[0] += 1
+            (g,) = torch.autograd.grad(lower(w, tr), w)
+            w0 = w.detach().clone()
+            w.grad = g
+            opt_w.step()
+            w.grad = None
+            (u,) = torch.autograd.grad(F.cross_entropy(F.linear(val[0], w), val[1]), w)
+            v = u * -self.LR
+            scale = eps / torch.linalg.vector_norm(v)
+            (gp,) = torch.autograd.grad(lower(w0 + scale * v, tr), theta)
+            (gm,) = torch.autograd.grad(lower(w0 - scale * v, tr), theta)
+            theta.grad = (gp - gm) / (2 * scale)
+            seen.append(theta.grad)
+            del seen[:-1]
+            opt_t.step()
+            theta.grad = None
+        return step, theta, seen
 
 
 class Darts:
@@ -377,6 +410,21 @@ def agreement(case, device) -> list[dict]:
     return rows
 
 
+def plain_vs_mlo(case: "HPO", steps: int = 3) -> float:
+    """The hand-written HPO step against mlo's finite-difference step from the same start: the larger
+    relative difference of the first hypergradient and of θ after ``steps`` steps."""
+    step, theta, seen = case.plain()
+    step()
+    first = common.rel_error(seen[0], mlo_hyper(case, mlo.FiniteDifference(eps=0.01))[0])
+    graph = case.mlo_graph(mlo.FiniteDifference(eps=0.01))
+    stepper = mlo.Stepper(graph, nan_policy="off")
+    stepper.step()
+    for _ in range(steps - 1):
+        step()
+        stepper.step()
+    return max(first, common.rel_error(graph.problems["upper"].params_tree["theta"].detach(), theta.detach()))
+
+
 def _step_fn(case, framework: str, pair: Pair, device):
     if framework == "mlo":
         stepper = mlo.Stepper(case.mlo_graph(pair.mlo()), nan_policy="off")
@@ -398,19 +446,28 @@ def run(args) -> dict:
         print(msg, file=sys.stderr)
         return {"skipped": msg, "rows": [], "agreement": [], "checks": [], "goals": [], "tolerances": TOL}
     rows, agree, checks, goals, profiles = [], [], [], [], {}
-    for name in CASES:
+    for name in getattr(args, "cases", None) or list(CASES):
         case64 = make_case(name, args.size, args.seed, device, torch.float64)
         for r in agreement(case64, device):
             agree.append(r)
             if r["tolerance"] is not None:
                 checks.append(common.check(f"{name}: Betty {r['betty']} vs mlo {r['mlo']}", r["rel_diff"],
                                            r["tolerance"]))
+        if name == "hpo":
+            checks.append(common.check("hpo: hand-written finite-difference step vs mlo FiniteDifference, float64, "
+                                       "first hypergradient and θ after 3 steps (max rel. diff)", plain_vs_mlo(case64),
+                                       TOL["plain_vs_mlo"]))
         del case64
         case = make_case(name, args.size, args.seed, device)
         for pair in pairs(case):
             fns = {"mlo": _step_fn(case, "mlo", pair, device), "betty": _step_fn(case, "betty", pair, device)}
-            times = common.time_interleaved(fns, args.reps * REPS_FACTOR[name], args.warmup, device)
+            plain = name == "hpo" and pair.kind == "darts"
+            if plain:   # the floor: the same step with no framework
+                fns["plain"] = case.plain()[0]
+            cpu: dict[str, list[float]] = {}
+            times = common.time_interleaved(fns, args.reps * REPS_FACTOR[name], args.warmup, device, cpu=cpu)
             ratio = common.paired_ratio(times["mlo"], times["betty"])
+            cpu_ratio = common.paired_ratio(cpu["mlo"], cpu["betty"])
             mem = {}
             if not args.no_memory and common.memory_supported(device):
                 for fw in ("mlo", "betty"):
@@ -421,12 +478,18 @@ def run(args) -> dict:
             tm, tb = common.summary(times["mlo"]), common.summary(times["betty"])
             rows.append({"case": name, "engines": pair.label, "mlo_ms": common.ms(tm["median"]),
                          "betty_ms": common.ms(tb["median"]), "time_ratio": ratio["median"],
-                         "time_ratio_iqr": [ratio["q25"], ratio["q75"]], "mlo_peak_mib": common.mib(mem.get("mlo")),
+                         "time_ratio_iqr": [ratio["q25"], ratio["q75"]], "cpu_time_ratio": cpu_ratio["median"],
+                         "cpu_time_ratio_iqr": [cpu_ratio["q25"], cpu_ratio["q75"]],
+                         "plain_cpu_time_ratio": common.paired_ratio(cpu["plain"], cpu["betty"])["median"]
+                         if plain else None,
+                         "mlo_peak_mib": common.mib(mem.get("mlo")),
                          "betty_peak_mib": common.mib(mem.get("betty")), "memory_ratio": mem_ratio})
             if pair.kind == "darts":
                 profiles[name] = common.profile_mlo(fns["mlo"])
             t_goal, m_goal = GOALS[name]
             goals.append(common.goal(f"{name}, {pair.label}: time mlo / Betty", ratio["median"], t_goal))
+            goals.append(common.goal(f"{name}, {pair.label}: CPU time mlo / Betty", cpu_ratio["median"], t_goal,
+                                     note="process CPU time: not counting other jobs' share of the cores"))
             if m_goal is not None:
                 goals.append(common.goal(f"{name}, {pair.label}: peak memory mlo / Betty", mem_ratio, m_goal,
                                          note=mem_note))
@@ -438,11 +501,15 @@ def run(args) -> dict:
 def markdown(result: dict) -> str:
     if result.get("skipped"):
         return result["skipped"]
-    rows = [dict(r, iqr=f"{common.fmt(r['time_ratio_iqr'][0])}–{common.fmt(r['time_ratio_iqr'][1])}")
+    rows = [dict(r, iqr=f"{common.fmt(r['time_ratio_iqr'][0])}–{common.fmt(r['time_ratio_iqr'][1])}",
+                 c_iqr=f"{common.fmt(r['cpu_time_ratio_iqr'][0])}–{common.fmt(r['cpu_time_ratio_iqr'][1])}")
             for r in result["rows"]]
     t = common.markdown_table(rows, [("case", "case"), ("engines", "Betty ↔ mlo"), ("mlo_ms", "mlo (ms/step)"),
                                      ("betty_ms", "Betty (ms/step)"), ("time_ratio", "time mlo/Betty"),
-                                     ("iqr", "ratio IQR"), ("mlo_peak_mib", "mlo peak (MiB)"),
+                                     ("iqr", "ratio IQR"), ("cpu_time_ratio", "CPU time mlo/Betty"),
+                                     ("c_iqr", "CPU ratio IQR"),
+                                     ("plain_cpu_time_ratio", "CPU time hand-written/Betty"),
+                                     ("mlo_peak_mib", "mlo peak (MiB)"),
                                      ("betty_peak_mib", "Betty peak (MiB)"), ("memory_ratio", "memory mlo/Betty")])
     a = common.markdown_table(result["agreement"], [("case", "case"), ("betty", "Betty"), ("mlo", "mlo"),
                                                     ("rel_diff", "rel. difference"),
@@ -474,8 +541,20 @@ def plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
+def _cases(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in CASES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown case(s) {', '.join(bad) or '(none)'}; choose from "
+                                         f"{', '.join(CASES)}")
+    return names
+
+
 def main(argv=None) -> int:
-    args = common.finish_args(common.parser("vs_betty", __doc__.splitlines()[0], reps=5, warmup=1).parse_args(argv))
+    p = common.parser("vs_betty", __doc__.splitlines()[0], reps=5, warmup=1)
+    p.add_argument("--cases", type=_cases, metavar="NAMES",
+                   help=f"comma-separated subset of {', '.join(CASES)} (default: all)")
+    args = common.finish_args(p.parse_args(argv))
     result = run(args)
     common.write_outputs(args, result, markdown(result), (lambda p: plot(result, p)) if result["rows"] else None)
     return 0

@@ -26,7 +26,8 @@ class SharedCalls:
     """Reuse of batch-only module calls across the evaluations of one engine VJP."""
 
     def __init__(self, batch, own: str):
-        self._stable = {id(t) for t in tree_flatten(batch)[0] if isinstance(t, Tensor)}
+        self._batch = batch
+        self._stable: set[int] | None = None    # ids of the batch's tensors, collected on first use
         self._own = own
         self._entries: dict[tuple, tuple] = {}
         self.outputs: list[Tensor] = []     # the real outputs (with graph) of the cut calls
@@ -36,6 +37,8 @@ class SharedCalls:
         """Inputs are all batch tensors and no parameter belongs to the perturbed problem."""
         if self._own in owners:
             return False
+        if self._stable is None:
+            self._stable = {id(t) for t in tree_flatten(self._batch)[0] if isinstance(t, Tensor)}
         flat = tree_flatten((args, kwargs))[0]
         return all(id(t) in self._stable for t in flat if isinstance(t, Tensor))
 

@@ -285,7 +285,8 @@ class Stepper:
             if problem.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(list(problem.params_tree.values()), problem.grad_clip)
             problem.torch_optimizer.step()
-            problem.torch_optimizer.zero_grad(set_to_none=True)
+            for p in problem.params_tree.values():   # = zero_grad(set_to_none=True): it holds exactly these
+                p.grad = None
         if problem.torch_scheduler is not None:
             problem.torch_scheduler.step()
 

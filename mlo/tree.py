@@ -40,6 +40,8 @@ def dot(x: Tree, y: Tree) -> Tensor:
 def norm(x: Tree) -> Tensor:
     if not x:
         return torch.zeros(())
+    if len(x) == 1:
+        return torch.linalg.vector_norm(next(iter(x.values())))
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(x.values()))))
 
 

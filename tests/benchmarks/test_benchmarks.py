@@ -44,6 +44,17 @@ def _positive(x):
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
+def test_time_interleaved_reports_cpu_time_per_call():
+    """CPU time counts the call's own compute (a sleep costs wall time, not CPU time)."""
+    import time
+    cpu = {}
+    wall = common.time_interleaved({"sleep": lambda: time.sleep(0.02),
+                                    "work": lambda: sum(i * i for i in range(200_000))}, reps=3, warmup=0, cpu=cpu)
+    assert set(cpu) == {"sleep", "work"} and all(len(v) == 3 for v in cpu.values())
+    assert min(wall["sleep"]) >= 0.02 and max(cpu["sleep"]) < 0.01
+    assert min(cpu["work"]) > 0
+
+
 def test_statistics_helpers():
     assert common.quantiles([3.0, 1.0, 2.0, 4.0]) == (1.75, 2.5, 3.25)
     assert common.paired_ratio([2.0, 4.0, 9.0], [1.0, 2.0, 3.0])["median"] == 2.0
@@ -68,12 +79,13 @@ def test_hypergrad(tmp_path):
 
 def test_overhead_with_memory(tmp_path):
     out, r = _run(overhead, tmp_path)
-    _check_schema(r, {"step", "mlo_ms", "plain_ms", "time_ratio", "time_ratio_iqr", "mlo_peak_mib",
-                      "plain_peak_mib", "memory_ratio", "float64_max_rel_diff"}, out)
+    _check_schema(r, {"step", "mlo_ms", "plain_ms", "time_ratio", "time_ratio_iqr", "cpu_time_ratio",
+                      "cpu_time_ratio_iqr", "mlo_peak_mib", "plain_peak_mib", "memory_ratio",
+                      "float64_max_rel_diff"}, out)
     assert [row["mode"] for row in r["rows"]] == ["baseline", "lease"]
-    assert len(r["goals"]) == 4 and len(r["checks"]) == 4     # tiny: clip-active and plain agreement, both steps
+    assert len(r["goals"]) == 6 and len(r["checks"]) == 4     # tiny: clip-active and plain agreement, both steps
     for row in r["rows"]:
-        assert _positive(row["time_ratio"])
+        assert _positive(row["time_ratio"]) and _positive(row["cpu_time_ratio"])
         assert row["float64_max_rel_diff"] <= overhead.TOL["float64_max_rel_diff"]
         if common.memory_supported("cpu"):
             assert _positive(row["mlo_peak_mib"]) and _positive(row["plain_peak_mib"])
@@ -86,9 +98,15 @@ def test_vs_betty(tmp_path):
     if not vs_betty.betty_available():
         assert vs_betty.INSTALL in r["skipped"] and r["rows"] == []
         pytest.skip("Betty is not installed; the benchmark wrote its skip message")
-    _check_schema(r, {"case", "engines", "mlo_ms", "betty_ms", "time_ratio", "time_ratio_iqr", "memory_ratio"}, out)
+    _check_schema(r, {"case", "engines", "mlo_ms", "betty_ms", "time_ratio", "time_ratio_iqr", "cpu_time_ratio",
+                      "memory_ratio"}, out)
     assert {row["case"] for row in r["rows"]} == {"hpo", "darts", "chain"}
     assert len(r["rows"]) == 9
+    # the hand-written HPO step (the floor) is timed next to mlo's and Betty's, and is mlo's step exactly
+    floors = [row for row in r["rows"] if row["plain_cpu_time_ratio"] is not None]
+    assert [(row["case"], row["engines"]) for row in floors] == [("hpo", "darts ↔ FiniteDifference")]
+    assert _positive(floors[0]["plain_cpu_time_ratio"])
+    assert [c for c in r["checks"] if c["name"].startswith("hpo: hand-written")][0]["ok"]
     same = [a for a in r["agreement"] if a["same_definition"]]
     assert len(same) == 8           # darts (small R), neumann for each case; CG K=1 on the two bilevel cases
     for a in same:
