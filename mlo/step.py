@@ -188,7 +188,7 @@ class Stepper:
                             f"got {type(objective).__name__}{shape}")
         if ctx.undeclared_constants:
             self.undeclared_constants[problem.name].update(ctx.undeclared_constants)
-        loss = problem.sign * objective.reshape(())
+        loss = _signed(problem, objective)
         targets = {("", k): v for k, v in own.items()}
         targets.update({(r, k): v for r, t in seeds.items() for k, v in t.items()})
         keys = list(targets)
@@ -297,5 +297,11 @@ class Stepper:
             ctx = Context(graph, problem, {**constants, problem.name: params, **reads}, step=step,
                           real_step=False, shared=shared, rows=rows or None)
             with rng.replay(record.rng):
-                return problem.sign * problem.objective(ctx, record.batch).reshape(())
+                return _signed(problem, problem.objective(ctx, record.batch))
         return loss
+
+
+def _signed(problem: Problem, objective: Tensor) -> Tensor:
+    """The objective as a 0-d tensor, negated for a ``max`` problem (no op for a ``min`` one)."""
+    value = objective if objective.dim() == 0 else objective.reshape(())
+    return value if problem.sign == 1.0 else -value
