@@ -10,7 +10,8 @@ Schema of ``study.json`` (documented in docs/lease.md, "Study"):
   (mean of the searches' final max deviation from uniform and mean margin),
   ``target_op_share`` (fraction of the cells' edges using the task's ops) and
   ``target_op_mass`` (final softmax weight on them).
-* ``paired``: per method against ``baseline`` and ``random`` on the seeds both
+* ``paired``: per method against ``baseline`` and ``random``, and each LeaSE
+  variant (``lease-exact``, ``lease-pgd``) against ``lease``, on the seeds both
   finished — ``n``, ``mean_diff`` (points), ``ci95``, ``p_value`` (paired t).
 * ``chance``: the agreement and the target-op share of uniformly random cells.
 * ``evaluation_noise``: among the random cells, the std of cell means vs the
@@ -27,6 +28,8 @@ import os
 import numpy as np
 
 from . import arch_stats
+
+VARIANTS = ("lease-exact", "lease-pgd")   # LeaSE with one setting changed: also compared with ``lease``
 from .spaces.genotype import PRIMITIVES, genotype_from_json
 
 
@@ -151,9 +154,11 @@ def summarize(study, cells: dict) -> dict:
             row["target_op_mass"] = float(np.mean(mass)) if mass else None
         rows.append(row)
     paired = []
-    for ref in ("baseline", "random"):
+    for ref in ("baseline", "random", "lease"):
         for method in study.methods:
             if method == ref or ref not in cells or method not in cells:
+                continue
+            if ref == "lease" and method not in VARIANTS:   # a variant against the LeaSE it changes
                 continue
             common = sorted(set(cells[method]) & set(cells[ref]))
             if not common:

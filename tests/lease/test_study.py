@@ -90,3 +90,25 @@ def test_study_takes_a_paper_preset_unchanged(tmp_path):
     assert summary["seeds"] == [2, 3, 4, 5, 6] and summary["eval_seeds"] == 1
     assert [r["seeds_done"] for r in summary["rows"]] == [0] * 3
     assert not os.path.exists(os.path.join(out, "runs"))
+
+
+def test_study_table_pairs_each_variant_with_lease_and_the_references():
+    """The paired rows: every method against baseline and random; the two LeaSE variants also against lease
+    (exact vs finite difference, PGD vs ascent), on the seeds both finished, with the paired-t numbers."""
+    from applications.lease import study_table
+    from applications.lease.study import METHODS, Study
+
+    study = Study(out="unused", config="c", train_config="t", methods=list(METHODS), seeds=[2, 3, 4],
+                  eval_seeds=[0, 1])
+    acc = {"lease": [90, 91, 92], "baseline": [89, 89, 89], "lease-exact": [91, 93, 95], "lease-pgd": [90, 91],
+           "random": [95, 94, 93]}
+    cells = {m: {s: {"accs": [a - 0.5, a + 0.5], "genotype": None, "search": {}, "eval_seconds": 1.0,
+                     "alphas": None}
+                 for s, a in zip(study.seeds, accs)} for m, accs in acc.items()}
+    paired = {(p["method"], p["reference"]): p for p in study_table.summarize(study, cells)["paired"]}
+    assert set(paired) == ({(m, r) for m in METHODS for r in ("baseline", "random") if m != r}
+                           | {("lease-exact", "lease"), ("lease-pgd", "lease")})
+    exact = paired[("lease-exact", "lease")]
+    assert exact["n"] == 3 and exact["mean_diff"] == pytest.approx(2.0)     # diffs 1, 2, 3
+    assert exact["ci95"][0] == pytest.approx(2.0 - 4.303 / 3 ** 0.5, abs=1e-3)   # t(0.975, 2) · sd / sqrt(n)
+    assert paired[("lease-pgd", "lease")]["n"] == 2 and paired[("lease-pgd", "lease")]["mean_diff"] == 0.0
