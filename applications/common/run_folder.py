@@ -18,7 +18,10 @@ and the same rules for the output folder:
   config is saved back, so the folder always says what ran; ``--config`` and a
   different ``--out`` are refused;
 - every bad path or setting is one line on stderr and exit code 2 (under ``torchrun``
-  only rank 0 prints it; ``--nproc`` checks it before starting any worker).
+  only rank 0 prints it; ``--nproc`` checks it before starting any worker);
+- one process at a time: a run holds a lock on its folder (``.run.lock``, released
+  when the process ends, also on a crash), so a second ``--resume`` or ``--overwrite``
+  of a run that is still going stops with a one-line error instead of writing into it.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ CHECKPOINT = "checkpoint.pt"
 #: Files (and folders) every run may write; ``--overwrite`` removes these plus the program's own outputs.
 RUN_FILES = ("config.yaml", CHECKPOINT, CHECKPOINT + ".prev", CHECKPOINT + ".damaged", "metrics.jsonl",
              "metrics.csv", "result.json", "tensorboard")
+LOCK = ".run.lock"
 #: Any of these in a folder means it holds a run.
 RUN_MARKERS = ("config.yaml", CHECKPOINT, CHECKPOINT + ".prev", "metrics.jsonl", "result.json")
 
@@ -102,22 +106,27 @@ class Run:
     overwrite: bool = False
     args: Any = None                      # the parsed flags (a program's own action flags, e.g. --report-only)
     argv: list[str] = field(default_factory=list)   # the command line as given
+    _lock: Any = field(default=None, repr=False)     # the folder's lock while this run holds it (``start``)
 
     @property
     def checkpoint(self) -> str:
         return os.path.join(self.out, CHECKPOINT)
 
-    def start(self) -> None:
-        """Create the folder (rank 0): remove an old run's files on ``--overwrite``, save ``config.yaml``.
+    def start(self, lock: bool = True) -> None:
+        """Create the folder (rank 0), take its lock, remove an old run's files on ``--overwrite``,
+        save ``config.yaml``.
 
         Programs call this once their configuration has passed every check, so a
-        rejected config leaves no folder behind.
+        rejected config leaves no folder behind. ``lock=False`` for work that only
+        reads the run's results (a study's ``--report-only``).
         """
         if rank() != 0:
             return
+        os.makedirs(self.out, exist_ok=True)
+        if lock:
+            self._lock = lock_folder(self.out)      # before anything in the folder changes
         if self.overwrite:
             remove_run(self.out, self.program.outputs)
-        os.makedirs(self.out, exist_ok=True)
         save_config(self.cfg, os.path.join(self.out, "config.yaml"))
 
     def writers(self, jsonl: bool = True, csv_file: bool = True) -> list:
@@ -234,6 +243,30 @@ def open_run(program: Program, args: argparse.Namespace) -> Run:
     flag = args.device or "auto"
     device = pick_device(flag if flag != "auto" else getattr(cfg, "device", "auto"))
     return Run(program, cfg, out, device, resume=bool(args.resume), overwrite=bool(args.overwrite), args=args)
+
+
+def lock_folder(folder: str):
+    """Hold ``folder``'s run lock for the life of the returned file object (an OS lock: it goes
+    when the process ends, however it ends). Another process holding it is a :class:`ConfigError`
+    naming its pid. Where the OS has no ``fcntl`` (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    fh = open(os.path.join(folder, LOCK), "a+", encoding="ascii")
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        holder = fh.read().strip() or "unknown"
+        fh.close()
+        raise ConfigError(f"{folder} is in use by another process (pid {holder}); wait for it to finish or "
+                          "stop it (it checkpoints on Ctrl-C), then --resume") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh
 
 
 def holds_run(folder: str) -> bool:

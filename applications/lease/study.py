@@ -369,7 +369,7 @@ def _command(run: Run, argv: list[str]) -> str:
 
 def _body(run: Run) -> dict:
     study = build_study(run.cfg, run.out, "")
-    run.start()
+    run.start(lock=not run.args.report_only)     # the table can be rewritten while the study runs
     study.command = _command(run, run.argv)
     if run.args.report_only:
         study_table.write(study)

@@ -233,3 +233,23 @@ def test_resume_hint_names_the_launcher_that_started_the_run(monkeypatch):
     monkeypatch.setenv(launch.LAUNCHER_ENV, "2")
     assert run.resume_command(2) == "python -m applications.lease.search --nproc 2 --resume runs/x"
     assert run.resume_command(1) == "python -m applications.lease.search --resume runs/x"
+
+
+def test_a_run_still_going_is_not_resumed_or_overwritten_by_a_second_process(tmp_path):
+    """While a process holds the run folder (here: this test, standing in for a run that is still going),
+    --resume and --overwrite stop with one line and exit 2, and not one byte of the folder changes."""
+    from applications.common.run_folder import lock_folder
+
+    module, out = "applications.hpo", str(tmp_path / "run")
+    run_module(module, [*QUICK[module], "--out", out])
+    held = lock_folder(out)
+    try:
+        before = _files(out)
+        for flags in (["--resume", out], [*QUICK[module], "--out", out, "--overwrite"]):
+            proc = run_module(module, flags, expect=2)
+            line = _one_error_line(proc.stderr)
+            assert f"{out} is in use by another process (pid {os.getpid()})" in line, line
+            assert _files(out) == before
+    finally:
+        held.close()
+    run_module(module, ["--resume", out])        # free again
