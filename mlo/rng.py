@@ -48,7 +48,9 @@ def replay(state: dict | None):
     if state is None:
         yield
         return
-    current = capture_torch() if "cuda" in state else {"cpu": torch.get_rng_state()}
+    current = {"cpu": torch.get_rng_state()}
+    if "cuda" in state:
+        current["cuda"] = torch.cuda.get_rng_state_all()
     restore_torch(state)
     try:
         yield

@@ -120,3 +120,4 @@ def test_dropout_masks_replayed_exactly():
     torch.manual_seed(3)
     rep = mlo.check_hypergradient(graph, "outer", eps=1e-5, tol=1e-7)
     assert rep.ok, str(rep)
+
