@@ -93,6 +93,11 @@ class TrainOptimConfig(search_config.OptimConfig):
     warmup_epochs: int = 0
     label_smoothing: float = 0.0
     eval_every: int = 1
+    #: Before the final evaluation, recompute every BatchNorm's running statistics as the plain
+    #: average over one pass of the training data with the final weights. Short trainings need it:
+    #: the running averages (momentum 0.1) lag behind weights that were still moving, and the test
+    #: error then measures that lag, not the network (docs/lease.md, "Study").
+    bn_recalibrate: bool = False
 
     def validate(self) -> None:
         self.check("train")
@@ -162,6 +167,38 @@ def _train_loader(dataset: Dataset, cfg: TrainConfig, epoch: int, skip_batches: 
 def _eval_loader(dataset: Dataset, cfg: TrainConfig) -> DataLoader:
     bs = cfg.train.eval_batch_size or cfg.train.batch_size
     return DataLoader(dataset, batch_size=bs, shuffle=False, num_workers=cfg.data.num_workers,
+                      pin_memory=torch.cuda.is_available())
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, loader: DataLoader, device: torch.device) -> int:
+    """Reset every BatchNorm's running statistics and re-estimate them as the plain (cumulative)
+    average of the batch statistics over ``loader`` with the current weights (train-mode forwards
+    without gradient or drop-path; the weights do not change). Returns how many layers it reset."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return 0
+    momenta = [m.momentum for m in bns]
+    drop, was_training = getattr(model, "drop_path_prob", 0.0), model.training
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None               # cumulative average over the pass
+    model.drop_path_prob = 0.0
+    model.train()
+    try:
+        for x, _, _ in loader:
+            model(x.to(device, non_blocking=True))
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        model.drop_path_prob = drop
+        model.train(was_training)
+    return len(bns)
+
+
+def _recalibration_loader(dataset: Dataset, cfg: TrainConfig) -> DataLoader:
+    """The training examples in a fixed order, in training-sized batches (the statistics BatchNorm sees)."""
+    return DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=False, num_workers=cfg.data.num_workers,
                       pin_memory=torch.cuda.is_available())
 
 
@@ -260,6 +297,8 @@ def train(cfg: TrainConfig, out_dir: str, device: torch.device, resume: bool = F
         model.drop_path_prob = cfg.model.drop_path_prob * epoch / epochs
         sums = _train_epoch(model, optimizer, criterion, cfg, splits.train, epoch, skip, partial, device, checkpoint)
         skip, partial = 0, None
+        if cfg.train.bn_recalibrate and epoch + 1 == epochs:     # the final evaluation sees settled statistics
+            recalibrate_bn(model, _recalibration_loader(splits.train, cfg), device)
         row = {"epoch": epoch, "lr": lr, "drop_path_prob": model.drop_path_prob,
                "train_loss": sums["loss"] / max(sums["n"], 1), "train_error": 100.0 * sums["wrong"] / max(sums["n"], 1)}
         if val_loader is not None:
@@ -277,7 +316,9 @@ def train(cfg: TrainConfig, out_dir: str, device: torch.device, resume: bool = F
         print(f"[train] epoch {epoch + 1}/{epochs} lr {lr:.4g} train_loss {row['train_loss']:.4f} "
               f"train_err {row['train_error']:.2f}%{shown} ({row['time_s']:.1f}s)", flush=True)
 
-    if last_test is None:  # resumed a run that had already finished
+    if last_test is None:  # resumed a run that had already finished: evaluate it (again) as configured
+        if cfg.train.bn_recalibrate:   # deterministic in the weights: the same as at the end of the training
+            recalibrate_bn(model, _recalibration_loader(splits.train, cfg), device)
         last_test = evaluate(model, test_loader, device)
     result = {
         "dataset": cfg.data.name,
@@ -288,6 +329,7 @@ def train(cfg: TrainConfig, out_dir: str, device: torch.device, resume: bool = F
         "params": params,
         "params_with_auxiliary": count_parameters(model, include_auxiliary=True),
         "epochs": epochs,
+        "bn_recalibrated": cfg.train.bn_recalibrate,
     }
     with open(os.path.join(out_dir, "result.json"), "w", encoding="utf-8") as fh:
         json.dump(result, fh, indent=1)

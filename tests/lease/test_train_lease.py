@@ -115,3 +115,49 @@ def test_ctrl_c_checkpoints_mid_epoch_and_resumes(tmp_path, monkeypatch):
     assert seen == [2]  # the two finished batches are not repeated
     assert result["epochs"] == 1
     assert load_checkpoint(os.path.join(out, "checkpoint.pt"))["epoch"] == 1
+
+
+def test_recalibrate_bn_sets_the_average_batch_statistics_and_changes_nothing_else():
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 36, 2))
+    model.drop_path_prob = 0.3
+    x = torch.randn(32, 1, 8, 8) * 2 + 1
+    loader = DataLoader(TensorDataset(x, torch.zeros(32), torch.zeros(32)), batch_size=8)
+    params = {k: v.clone() for k, v in model.named_parameters()}
+    model.eval()
+    assert train_mod.recalibrate_bn(model, loader, torch.device("cpu")) == 1
+    bn = model[1]
+    with torch.no_grad():
+        h = model[0](x)                                   # the conv's outputs, batch by batch
+    means = torch.stack([h[i:i + 8].mean((0, 2, 3)) for i in range(0, 32, 8)])
+    variances = torch.stack([h[i:i + 8].transpose(0, 1).reshape(3, -1).var(1) for i in range(0, 32, 8)])
+    torch.testing.assert_close(bn.running_mean, means.mean(0))     # plain average of the batch statistics
+    torch.testing.assert_close(bn.running_var, variances.mean(0))  # (unbiased, as BatchNorm keeps them)
+    assert bn.momentum == 0.1 and not model.training and model.drop_path_prob == 0.3   # all put back
+    assert all(torch.equal(v, params[k]) for k, v in model.named_parameters())
+
+
+def test_bn_recalibrate_fresh_equals_a_finished_run_re_evaluated(tmp_path):
+    """train.bn_recalibrate re-estimates BatchNorm statistics after the last epoch; resuming a finished run
+    with the option set re-evaluates it the same way (no retraining), to the same test error."""
+    sets = [a for kv in TINY + ["train.epochs=2", "data.augment=false"] for a in ("--set", kv)]
+    cfg = os.path.join(REPO, "applications", "lease", "configs", "train_digits.yaml")
+    common = ["--genotype", "DARTS_V2", "--config", cfg, *sets, "--device", "cpu", "--no-progress"]
+    run_module("applications.lease.train", [*common, "--out", str(tmp_path / "plain")])
+    run_module("applications.lease.train", [*common, "--set", "train.bn_recalibrate=true", "--out", str(tmp_path / "bn")])
+    plain = json.loads((tmp_path / "plain" / "result.json").read_text())
+    fresh = json.loads((tmp_path / "bn" / "result.json").read_text())
+    assert fresh["bn_recalibrated"] and not plain["bn_recalibrated"]
+    running = load_checkpoint(tmp_path / "plain" / "checkpoint.pt")["model"]
+    settled = load_checkpoint(tmp_path / "bn" / "checkpoint.pt")["model"]
+    weights = [k for k in running if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert all(torch.equal(running[k], settled[k]) for k in weights)       # the same training
+    assert any(not torch.equal(running[k], settled[k]) for k in running if k.endswith("running_mean"))
+    run_module("applications.lease.train", ["--resume", str(tmp_path / "plain"), "--set", "train.bn_recalibrate=true",
+                                            "--device", "cpu"])
+    again = json.loads((tmp_path / "plain" / "result.json").read_text())
+    assert again["bn_recalibrated"] and again["test_error"] == pytest.approx(fresh["test_error"], abs=1e-9)
+    assert again["test_loss"] == pytest.approx(fresh["test_loss"], rel=1e-5)
