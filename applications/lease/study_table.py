@@ -8,8 +8,9 @@ Schema of ``study.json`` (documented in docs/lease.md, "Study"):
   ``eval_seconds`` (mean per seed), ``agreement_edges``/``agreement_inputs`` (mean
   pairwise genotype agreement across seeds), ``arch_deviation``/``arch_margin``
   (mean of the searches' final max deviation from uniform and mean margin),
-  ``target_op_share`` (fraction of the cells' edges using the task's ops) and
-  ``target_op_mass`` (final softmax weight on them).
+  ``target_op_share`` (fraction of the cells' edges using the task's ops) with
+  ``target_op_share_p`` (one-sample t-test of the per-seed shares against the
+  chance share) and ``target_op_mass`` (final softmax weight on them).
 * ``paired``: per method against ``baseline`` and ``random``, and each LeaSE
   variant (``lease-exact``, ``lease-pgd``) against ``lease``, on the seeds both
   finished — ``n``, ``mean_diff`` (points), ``ci95``, ``p_value`` (paired t).
@@ -89,6 +90,18 @@ def collect(study) -> dict:
     return cells
 
 
+def _one_sample_p(values, mean0: float) -> float | None:
+    """Two-sided one-sample t-test p-value of ``values`` against ``mean0`` (None under 2 values)."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) < 2:
+        return None
+    if v.std(ddof=1) == 0:
+        return 1.0 if v.mean() == mean0 else 0.0
+    return float(stats.ttest_1samp(v, mean0).pvalue)
+
+
 def t_interval(diffs) -> tuple[float, list[float], float]:
     """Mean, 95 % t confidence interval and two-sided paired-t p-value of ``diffs``."""
     from scipy import stats
@@ -148,7 +161,9 @@ def summarize(study, cells: dict) -> dict:
         row["arch_deviation"] = float(np.mean([a["max_deviation_from_uniform"] for a in arch])) if arch else None
         row["arch_margin"] = float(np.mean([a["mean_margin"] for a in arch])) if arch else None
         if target:
-            row["target_op_share"] = float(np.mean([arch_stats.op_share(g, target) for g in genos])) if genos else None
+            shares = [arch_stats.op_share(g, target) for g in genos]
+            row["target_op_share"] = float(np.mean(shares)) if shares else None
+            row["target_op_share_p"] = _one_sample_p(shares, chance["target_op_share"])
             mass = [np.mean([arch_stats.op_mass(a[k], space[k], target) for k in ("normal", "reduce")])
                     for a in (got[s]["alphas"] for s in seeds) if a]
             row["target_op_mass"] = float(np.mean(mass)) if mass else None
@@ -181,7 +196,7 @@ def _f(x, fmt="{:.2f}") -> str:
 def markdown(summary: dict) -> str:
     target = summary["target_ops"]
     head = ["method", "seeds", "test acc. % (mean ± std)", "search s", "eval s", "agreement (edges)",
-            "α max dev.", "α margin"] + (["target-op share", "target-op mass"] if target else [])
+            "α max dev.", "α margin"] + (["target-op share", "p (share vs chance)", "target-op mass"] if target else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in summary["rows"]:
         acc = f"{_f(r['test_acc_mean'])} ± {_f(r['test_acc_std'])}" if r["test_acc_mean"] is not None else "–"
@@ -189,7 +204,8 @@ def markdown(summary: dict) -> str:
                 _f(r["eval_seconds"], "{:.0f}"), _f(r["agreement_edges"]), _f(r["arch_deviation"], "{:.3f}"),
                 _f(r["arch_margin"], "{:.3f}")]
         if target:
-            cols += [_f(r.get("target_op_share")), _f(r.get("target_op_mass"))]
+            cols += [_f(r.get("target_op_share")), _f(r.get("target_op_share_p"), "{:.3f}"),
+                     _f(r.get("target_op_mass"))]
         lines.append("| " + " | ".join(cols) + " |")
     ch = summary["chance"]
     lines += ["", f"Chance (uniformly random cells): agreement {ch['edges']:.2f} of edges (same input and op), "

@@ -112,3 +112,32 @@ def test_study_table_pairs_each_variant_with_lease_and_the_references():
     assert exact["n"] == 3 and exact["mean_diff"] == pytest.approx(2.0)     # diffs 1, 2, 3
     assert exact["ci95"][0] == pytest.approx(2.0 - 4.303 / 3 ** 0.5, abs=1e-3)   # t(0.975, 2) · sd / sqrt(n)
     assert paired[("lease-pgd", "lease")]["n"] == 2 and paired[("lease-pgd", "lease")]["mean_diff"] == 0.0
+
+
+def test_study_table_tests_the_target_op_share_against_chance():
+    """Known-answer task: the per-seed share of edges using the task's ops, t-tested against chance."""
+    import random
+
+    from scipy import stats
+
+    from applications.lease import arch_stats, study_table
+    from applications.lease.spaces.genotype import PRIMITIVES
+    from applications.lease.study import Study
+
+    study = Study(out="unused", config="c", train_config="t", methods=["lease"], seeds=[0, 1, 2], eval_seeds=[0],
+                  target_ops=["sep_conv_5x5"], nodes=4)
+    ops = {k: [list(PRIMITIVES)] * 14 for k in ("normal", "reduce")}
+
+    def cell(seed, hits):      # a random cell with its first ``hits`` normal edges set to the target op
+        g = arch_stats.random_genotype(ops, 4, random.Random(seed))
+        normal = [("sep_conv_5x5", j) if i < hits else ("max_pool_3x3", j) for i, (_, j) in enumerate(g.normal)]
+        reduce = [("max_pool_3x3", j) for _, j in g.reduce]
+        return g._replace(normal=normal, reduce=reduce)
+    hits = [8, 6, 7]
+    cells = {"lease": {s: {"accs": [90.0], "genotype": cell(s, h), "search": {}, "eval_seconds": 1.0, "alphas": None}
+                       for s, h in zip(study.seeds, hits)}}
+    row = study_table.summarize(study, cells)["rows"][0]
+    shares = [h / 16 for h in hits]
+    assert row["target_op_share"] == pytest.approx(sum(shares) / 3)
+    assert row["target_op_share_p"] == pytest.approx(stats.ttest_1samp(shares, 1 / 7).pvalue)
+    assert "p (share vs chance)" in study_table.markdown(study_table.summarize(study, cells))
