@@ -34,6 +34,7 @@ import json
 import os
 import random
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -157,19 +158,50 @@ class Progress:
               file=sys.stderr, flush=True)
 
 
+_LIVE: set[subprocess.Popen] = set()       # the children running now (``stop_children``)
+_LIVE_LOCK = threading.Lock()
+_STOP = threading.Event()                   # set by ``stop_children``: start no new child
+
+
 def _child(module: str, args: list[str], log: str) -> None:
-    """Run ``python -m module args`` with output to ``log``; exit 130 stops the study, any other failure raises."""
+    """Run ``python -m module args`` with output to ``log``; exit 130 stops the study, any other failure raises.
+
+    The child runs in its own session, so an interrupt reaches it once, from the study
+    (:func:`stop_children`), whether the study got Ctrl-C, ``kill -INT`` or SIGTERM."""
+    if _STOP.is_set():
+        raise StudyStopped("the study was interrupted")
     with open(log, "a", encoding="utf-8") as fh:
         fh.write(f"$ python -m {module} {shlex.join(args)}\n")
         fh.flush()
-        code = subprocess.run([sys.executable, "-m", module, *args, "--no-progress"], stdout=fh,
-                              stderr=subprocess.STDOUT).returncode
-    if code == 130:
+        proc = subprocess.Popen([sys.executable, "-m", module, *args, "--no-progress"], stdout=fh,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        with _LIVE_LOCK:
+            _LIVE.add(proc)
+            if _STOP.is_set():            # interrupted while it was starting
+                proc.send_signal(signal.SIGINT)
+        try:
+            code = proc.wait()
+        finally:
+            with _LIVE_LOCK:
+                _LIVE.discard(proc)
+    if code in (130, -signal.SIGINT):     # checkpointed and stopped (or stopped before it had started)
         raise StudyStopped(f"python -m {module} was interrupted")
     if code != 0:
         with open(log, encoding="utf-8") as fh:
             tail = fh.read()[-1500:]
         raise RuntimeError(f"python -m {module} {' '.join(args)} failed (exit {code}); log {log}:\n{tail}")
+
+
+def stop_children() -> None:
+    """Ask every running child to stop (SIGINT: it checkpoints and exits 130); start no new one."""
+    with _LIVE_LOCK:
+        _STOP.set()
+        procs = list(_LIVE)
+    for proc in procs:
+        try:
+            proc.send_signal(signal.SIGINT)
+        except ProcessLookupError:
+            pass
 
 
 def _continue(run: str) -> list[str] | None:
@@ -243,6 +275,7 @@ def run_study(study: Study, jobs: int = 1, progress: bool = True) -> int:
     rest = [m for m in study.methods if m not in CORE]
     tasks = [(m, s) for s in study.seeds for m in core] + [(m, s) for s in study.seeds for m in rest]
     progress, lock, failed, stopped = Progress(len(tasks), progress), threading.Lock(), [], []
+    _STOP.clear()
 
     def task(ms):
         if stopped:
@@ -254,16 +287,32 @@ def run_study(study: Study, jobs: int = 1, progress: bool = True) -> int:
         except RuntimeError as e:
             failed.append(f"{ms[0]}/seed{ms[1]}: {e}")
             print(f"[study] {ms[0]}/seed{ms[1]} failed: {e}", file=sys.stderr, flush=True)
+    previous = _sigterm_as_interrupt()
     try:
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-            list(pool.map(task, tasks))
-    except KeyboardInterrupt:        # the children got it too: they checkpoint and exit 130
-        stopped.append("Ctrl-C")
+            try:
+                list(pool.map(task, tasks))
+            except KeyboardInterrupt:    # pass it on once; the pool then waits for the children to checkpoint
+                stopped.append("Ctrl-C")
+                stop_children()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     study_table.write(study)
     if stopped:
         return 130
     print(f"[study] table in {os.path.join(study.out, 'study.md')}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _sigterm_as_interrupt():
+    """SIGTERM stops the study like Ctrl-C (children checkpoint); returns the previous handler."""
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+    try:
+        return signal.signal(signal.SIGTERM, on_term)
+    except ValueError:    # not the main thread (a test calling run_study from a thread)
+        return None
 
 
 def build_study(cfg: StudyConfig, out: str, command: str) -> Study:

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from tests.subproc import ROOT, run_module
+from tests.subproc import ROOT, child_env, run_module
 
 TINY_SEARCH = ["--search-set", "epochs=2", "--search-set", "max_steps_per_epoch=2", "--search-set", "arch_start_epoch=1",
                "--search-set", "space.C=2", "--search-set", "space.nodes=2", "--search-set", "audience.width=0.0625",
@@ -141,3 +141,38 @@ def test_study_table_tests_the_target_op_share_against_chance():
     assert row["target_op_share"] == pytest.approx(sum(shares) / 3)
     assert row["target_op_share_p"] == pytest.approx(stats.ttest_1samp(shares, 1 / 7).pvalue)
     assert "p (share vs chance)" in study_table.markdown(study_table.summarize(study, cells))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_study_alone_stops_its_running_child_with_a_checkpoint(tmp_path, sig):
+    """``kill -INT``/``kill -TERM`` of the study process (not its process group, as a scheduler or a user in
+    another terminal sends it): the running search gets one interrupt, checkpoints, exits; the study exits 130."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from applications.common.run_folder import lock_folder
+
+    out = tmp_path / "study"
+    search = out / "runs" / "lease" / "seed0" / "search"
+    flags = [a if a != "max_steps_per_epoch=2" else "max_steps_per_epoch=400" for a in FLAGS]
+    proc = subprocess.Popen([sys.executable, "-m", "applications.lease.study", "--out", str(out), *flags],
+                            cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        metrics = search / "metrics.jsonl"
+        while not (metrics.exists() and metrics.stat().st_size > 0):    # the search has logged a step
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+            time.sleep(0.2)
+        proc.send_signal(getattr(signal, sig))
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert (search / "checkpoint.pt").exists()
+    assert "--resume" in (out / "runs" / "lease" / "seed0" / "search.log").read_text()
+    lock_folder(str(search)).close()     # nothing holds the search's folder: the child has exited
+    assert not (out / "runs" / "baseline").exists()       # and no later run was started
