@@ -119,6 +119,7 @@ class Study:
     nodes: int = 4
     command: str = ""
     child_flags: list[str] = field(default_factory=list)    # for every search and training (--tensorboard)
+    child_env: dict | None = None    # the children's environment (``run_study``: threads split between jobs)
 
     def folder(self, method: str, seed: int) -> str:
         return os.path.join(self.out, "runs", method, f"seed{seed}")
@@ -163,7 +164,7 @@ _LIVE_LOCK = threading.Lock()
 _STOP = threading.Event()                   # set by ``stop_children``: start no new child
 
 
-def _child(module: str, args: list[str], log: str) -> None:
+def _child(module: str, args: list[str], log: str, env: dict | None = None) -> None:
     """Run ``python -m module args`` with output to ``log``; exit 130 stops the study, any other failure raises.
 
     The child runs in its own session, so an interrupt reaches it once, from the study
@@ -174,7 +175,7 @@ def _child(module: str, args: list[str], log: str) -> None:
         fh.write(f"$ python -m {module} {shlex.join(args)}\n")
         fh.flush()
         proc = subprocess.Popen([sys.executable, "-m", module, *args, "--no-progress"], stdout=fh,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True, env=env)
         with _LIVE_LOCK:
             _LIVE.add(proc)
             if _STOP.is_set():            # interrupted while it was starting
@@ -223,7 +224,7 @@ def _search(study: Study, method: str, seed: int, progress: Progress, key: str) 
                 args += ["--set", kv]
         os.makedirs(study.folder(method, seed), exist_ok=True)
         _child("applications.lease.search", args + ["--device", study.device, *study.child_flags],
-               os.path.join(study.folder(method, seed), "search.log"))
+               os.path.join(study.folder(method, seed), "search.log"), study.child_env)
     return os.path.join(run, "genotype.json")
 
 
@@ -255,7 +256,7 @@ def _evaluate(study: Study, method: str, seed: int, genotype: str, progress: Pro
             for kv in study.train_set:
                 args += ["--set", kv]
         _child("applications.lease.train", args + ["--device", study.device, *study.child_flags],
-               os.path.join(study.folder(method, seed), f"eval{e}.log"))
+               os.path.join(study.folder(method, seed), f"eval{e}.log"), study.child_env)
 
 
 def run_one(study: Study, method: str, seed: int, progress: Progress, lock: threading.Lock) -> None:
@@ -276,6 +277,7 @@ def run_study(study: Study, jobs: int = 1, progress: bool = True) -> int:
     tasks = [(m, s) for s in study.seeds for m in core] + [(m, s) for s in study.seeds for m in rest]
     progress, lock, failed, stopped = Progress(len(tasks), progress), threading.Lock(), [], []
     _STOP.clear()
+    study.child_env = child_env(jobs)
 
     def task(ms):
         if stopped:
@@ -303,6 +305,14 @@ def run_study(study: Study, jobs: int = 1, progress: bool = True) -> int:
         return 130
     print(f"[study] table in {os.path.join(study.out, 'study.md')}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def child_env(jobs: int, cores: int | None = None) -> dict | None:
+    """With several children at once, each gets its share of the cores as its thread count
+    (``OMP_NUM_THREADS``, unless set): two processes each using every core stall each other."""
+    if jobs <= 1 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    return dict(os.environ, OMP_NUM_THREADS=str(max(1, (cores or os.cpu_count() or 1) // jobs)))
 
 
 def _sigterm_as_interrupt():
@@ -370,12 +380,14 @@ def _flags(p) -> None:
     p.add_argument("--data-root", metavar="DIR", help="data folder of the searches and trainings")
     p.add_argument("--jobs", type=int, metavar="N", help="(method, seed) runs at once")
     p.add_argument("--target-ops", help="comma-separated ops the task should favour")
-    p.add_argument("--quick", action="store_true", help="2 seeds, 1 training each, short searches and trainings")
+    p.add_argument("--quick", action="store_true",
+                   help="2 seeds, 1 training each, short searches and trainings, 2 runs at once on 2+ cores")
     p.add_argument("--report-only", action="store_true", help="rewrite the table from the finished runs; run nothing")
 
 
 def _flag_overrides(args) -> list[str]:
-    items = ["quick=true", "seeds=2", "eval_seeds=1"] if args.quick else []
+    # --quick: two runs at once where there are two cores (a later --jobs wins)
+    items = ["quick=true", "seeds=2", "eval_seeds=1", f"jobs={min(2, os.cpu_count() or 1)}"] if args.quick else []
     for flag, key in (("search_config", "search_config"), ("train_config", "train_config"), ("seeds", "seeds"),
                       ("eval_seeds", "eval_seeds"), ("data_root", "data_root"), ("jobs", "jobs")):
         if getattr(args, flag) is not None:

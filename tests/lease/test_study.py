@@ -176,3 +176,24 @@ def test_a_signal_to_the_study_alone_stops_its_running_child_with_a_checkpoint(t
     assert "--resume" in (out / "runs" / "lease" / "seed0" / "search.log").read_text()
     lock_folder(str(search)).close()     # nothing holds the search's folder: the child has exited
     assert not (out / "runs" / "baseline").exists()       # and no later run was started
+
+
+def test_parallel_children_share_the_cores_and_quick_runs_two_at_once(monkeypatch, tmp_path):
+    from applications.lease import study as study_mod
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert study_mod.child_env(1, cores=8) is None                       # one child: its own default
+    assert study_mod.child_env(2, cores=8)["OMP_NUM_THREADS"] == "4"
+    assert study_mod.child_env(4, cores=2)["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert study_mod.child_env(2, cores=8) is None                       # the user's setting stands
+    import os
+
+    from applications.common.config import load_config
+    from applications.common.run_folder import build_parser
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    for flags, jobs in ((["--quick"], 2), (["--quick", "--jobs", "1"], 1)):   # an explicit --jobs wins
+        args = build_parser(study_mod.PROGRAM).parse_args(flags)
+        cfg = load_config(study_mod.StudyConfig, study_mod.PROGRAM.default_config, study_mod._flag_overrides(args))
+        assert cfg.quick and cfg.jobs == jobs
