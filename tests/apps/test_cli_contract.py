@@ -13,6 +13,7 @@ Each program runs in a child process (tests/subproc.py) on a few steps:
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -21,7 +22,7 @@ import pytest
 import yaml
 
 from applications.common.config import config_keys, load_config
-from applications.common.run_folder import build_parser
+from applications.common.run_folder import LoggingConfig, Program, build_parser, cli_main
 from tests.subproc import run_module
 
 from tests.lease.tiny import search_args
@@ -235,21 +236,48 @@ def test_resume_hint_names_the_launcher_that_started_the_run(monkeypatch):
     assert run.resume_command(1) == "python -m applications.lease.search --resume runs/x"
 
 
-def test_a_run_still_going_is_not_resumed_or_overwritten_by_a_second_process(tmp_path):
-    """While a process holds the run folder (here: this test, standing in for a run that is still going),
-    --resume and --overwrite stop with one line and exit 2, and not one byte of the folder changes."""
-    from applications.common.run_folder import lock_folder
 
-    module, out = "applications.hpo", str(tmp_path / "run")
-    run_module(module, [*QUICK[module], "--out", out])
-    held = lock_folder(out)
+@dataclasses.dataclass
+class _TinyConfig:
+    """The config of a program that does nothing but write its result (run-folder rules only)."""
+
+    seed: int = 0
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+
+
+def test_a_run_still_going_is_not_resumed_or_overwritten_by_a_second_process(tmp_path, capsys):
+    """While another process holds the run folder (here: a child standing in for a run that is still going),
+    --resume and --overwrite stop with one line and exit 2, and not one byte of the folder changes. The
+    rule is the run folder's, so a program whose body only writes its result shows it for all."""
+    import subprocess
+    import sys
+
+    from tests.subproc import ROOT
+
+    def body(run):
+        run.start()
+        with open(os.path.join(run.out, "result.json"), "w") as fh:
+            fh.write("{}")
+        return {}
+    program = Program(module="tiny", config_cls=_TinyConfig, description="d", default_config=None,
+                      default_out=lambda cfg: str(tmp_path / "default"))
+    out = str(tmp_path / "run")
+    assert cli_main(program, body, ["--out", out]) == 0
+    before = _files(out)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[2]);"
+                               "from applications.common.run_folder import lock_folder; h = lock_folder(sys.argv[1]);"
+                               "print('locked', flush=True); time.sleep(60)", out, ROOT],
+                              stdout=subprocess.PIPE, text=True)
     try:
-        before = _files(out)
-        for flags in (["--resume", out], [*QUICK[module], "--out", out, "--overwrite"]):
-            proc = run_module(module, flags, expect=2)
-            line = _one_error_line(proc.stderr)
-            assert f"{out} is in use by another process (pid {os.getpid()})" in line, line
-            assert _files(out) == before
+        assert holder.stdout.readline().strip() == "locked"
+        capsys.readouterr()
+        for flags in (["--resume", out], ["--out", out, "--overwrite"]):
+            assert cli_main(program, body, flags) == 2
+            line = _one_error_line(capsys.readouterr().err)
+            assert f"{out} is in use by another process (pid {holder.pid})" in line, line
+            assert {k: v for k, v in _files(out).items() if k != ".run.lock"} == \
+                {k: v for k, v in before.items() if k != ".run.lock"}
     finally:
-        held.close()
-    run_module(module, ["--resume", out])        # free again
+        holder.kill()
+        holder.wait()
+    assert cli_main(program, body, ["--resume", out]) == 0        # free again once the holder is gone

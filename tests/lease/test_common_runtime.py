@@ -98,29 +98,3 @@ def test_overwrite_removes_only_run_files(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
     assert not holds_run(str(tmp_path))
 
-
-def test_run_folder_lock_refuses_a_second_process_and_goes_with_the_holder(tmp_path):
-    """One process per run folder: the lock names the holder's pid; it is an OS lock, so it is gone when
-    the holder ends (here: its file closed), also after a crash, with no stale-lock cleanup needed."""
-    import subprocess
-    import sys
-
-    from applications.common.config import ConfigError
-    from applications.common.run_folder import LOCK, lock_folder
-    from tests.subproc import ROOT
-
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[2]);"
-         "from applications.common.run_folder import lock_folder; h = lock_folder(sys.argv[1]);"
-         "print('locked', flush=True); time.sleep(60)", str(tmp_path), ROOT],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(ConfigError, match=rf"in use by another process \(pid {holder.pid}\).*--resume"):
-            lock_folder(str(tmp_path))
-    finally:
-        holder.kill()
-        holder.wait()
-    fh = lock_folder(str(tmp_path))              # the holder was killed: its lock went with it
-    assert (tmp_path / LOCK).read_text().strip() == str(os.getpid())
-    fh.close()
