@@ -143,7 +143,7 @@ def test_recalibrate_bn_sets_the_average_batch_statistics_and_changes_nothing_el
 def test_bn_recalibrate_fresh_equals_a_finished_run_re_evaluated(tmp_path):
     """train.bn_recalibrate re-estimates BatchNorm statistics after the last epoch; resuming a finished run
     with the option set re-evaluates it the same way (no retraining), to the same test error."""
-    sets = [a for kv in TINY + ["train.epochs=2", "data.augment=false"] for a in ("--set", kv)]
+    sets = [a for kv in TINY + ["train.epochs=1", "data.augment=false"] for a in ("--set", kv)]
     cfg = os.path.join(REPO, "applications", "lease", "configs", "train_digits.yaml")
     common = ["--genotype", "DARTS_V2", "--config", cfg, *sets, "--device", "cpu", "--no-progress"]
     run_module("applications.lease.train", [*common, "--out", str(tmp_path / "plain")])
