@@ -95,7 +95,8 @@ class Runner:
         self.extra_state = extra_state
         self.before_step = before_step
         self.last_row: dict = {}
-        self.interrupted = False
+        self.interrupted = False         # the decision to stop (``_should_stop``)
+        self._signalled = False          # set by the signal handler only, never cleared: it cannot be lost
         self.last_saved_step: int | None = None
 
     @property
@@ -154,7 +155,7 @@ class Runner:
         previous = {}
 
         def on_signal(signum, frame):
-            self.interrupted = True
+            self._signalled = True
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -187,6 +188,7 @@ class Runner:
 
     def _should_stop(self) -> bool:
         """Checked before every step; a distributed runner makes all processes agree."""
+        self.interrupted = self.interrupted or self._signalled
         return self.interrupted
 
     def close(self) -> None:

@@ -41,7 +41,10 @@ class DistributedRunner(Runner):
         dp.broadcast_parameters()
 
     def _should_stop(self) -> bool:
-        self.interrupted = self.dp.any(self.interrupted)
+        # A signal handled while the all-reduce blocks sets ``_signalled`` (which nothing clears), not the
+        # value being agreed on; it joins the next step's vote. (Writing the vote's result back over the
+        # handler's flag lost such a signal: both replicas then ran to the end.)
+        self.interrupted = self.dp.any(self.interrupted or self._signalled)
         return self.interrupted
 
     def save(self, path: str | os.PathLike | None = None) -> None:

@@ -121,3 +121,26 @@ def test_data_parallel_single_process_is_a_no_op_and_checks_names():
 def test_first_occurrence_mask():
     idx = torch.tensor([4, 1, 4, 2, 1, 7])
     assert mlo.distributed.packing.first_occurrence(idx).tolist() == [True, True, False, True, False, True]
+
+
+def test_a_signal_during_the_stop_vote_is_not_lost():
+    """SIGTERM handled while the all-reduce of the stop vote blocks (where replicas spend their waits) used to be
+    overwritten by the vote's result, and every replica ran to the end; it now joins the next step's vote."""
+    import signal
+
+    graph = toy.build(4)
+    runner = mlo.distributed.DistributedRunner(graph, toy.data_parallel(graph), progress=False)
+    vote = runner.dp.any
+    calls = []
+
+    def any_with_a_signal_arriving(flag):
+        calls.append(flag)
+        if len(calls) == 2:                                   # the second step's vote: SIGTERM lands mid-call
+            signal.raise_signal(signal.SIGTERM)
+        return vote(flag)
+    runner.dp.any = any_with_a_signal_arriving
+    before = signal.getsignal(signal.SIGTERM)
+    runner.run(6)
+    assert runner.interrupted and runner.step == 2            # stopped before the third step, not at the end
+    assert calls == [False, False, True]
+    assert signal.getsignal(signal.SIGTERM) is before           # the run's handler is gone again
