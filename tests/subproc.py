@@ -48,3 +48,18 @@ def run_module(module: str, args: list[str], *, expect: int | None = 0, env: dic
                              f" (expected exit {expect})\n--- stderr (tail) ---\n{proc.stderr[-4000:]}"
                              f"\n--- stdout (tail) ---\n{proc.stdout[-1500:]}")
     return proc
+
+
+def popen_module(module: str, args: list[str], *, sigint_ignored: bool = True, env: dict | None = None,
+                 cwd: str = ROOT) -> subprocess.Popen:
+    """Start ``python -m module *args`` (pipes for stdout/stderr, text) without waiting for it.
+
+    ``sigint_ignored``: start it as ``cmd &`` in a non-interactive shell does, with SIGINT ignored
+    (``trap '' INT`` in a shell that then ``exec``s it): a program that promises to stop on Ctrl-C
+    or ``kill -INT`` must install its handler itself. The test then does not depend on how the
+    test run itself was started."""
+    cmd = [sys.executable, "-m", module, *args]
+    if sigint_ignored:
+        cmd = ["/bin/sh", "-c", "trap '' INT; exec \"$0\" \"$@\"", *cmd]
+    return subprocess.Popen(cmd, cwd=cwd, env=env or child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)

@@ -20,8 +20,13 @@ and the same rules for the output folder:
 - every bad path or setting is one line on stderr and exit code 2 (under ``torchrun``
   only rank 0 prints it; ``--nproc`` checks it before starting any worker);
 - one process at a time: a run holds a lock on its folder (``.run.lock``, released
-  when the process ends, also on a crash), so a second ``--resume`` or ``--overwrite``
-  of a run that is still going stops with a one-line error instead of writing into it.
+  when the process ends, also on a crash; a run that ends normally removes the file), so a
+  second ``--resume`` or ``--overwrite`` of a run that is still going stops with a one-line
+  error instead of writing into it;
+- Ctrl-C, ``kill -INT`` and SIGTERM stop every program the same way, however it was
+  started: :func:`cli_main` installs its own handlers (:func:`handle_interrupts`), because a
+  process started in the background by a script inherits SIGINT *ignored* and Python then
+  installs no Ctrl-C handler of its own.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -46,7 +52,7 @@ from . import launch
 from .config import ConfigError, config_keys, load_config, save_config
 
 __all__ = ["LoggingConfig", "Program", "Run", "Interrupted", "RunFailed", "build_parser", "open_run", "cli_main",
-           "trim_logs", "one_line", "rank", "pick_device"]
+           "trim_logs", "one_line", "rank", "pick_device", "handle_interrupts", "restore_handlers"]
 
 CHECKPOINT = "checkpoint.pt"
 #: Files (and folders) every run may write; ``--overwrite`` removes these plus the program's own outputs.
@@ -123,11 +129,17 @@ class Run:
         if rank() != 0:
             return
         os.makedirs(self.out, exist_ok=True)
-        if lock:
+        if lock and self._lock is None:
             self._lock = lock_folder(self.out)      # before anything in the folder changes
         if self.overwrite:
             remove_run(self.out, self.program.outputs)
         save_config(self.cfg, os.path.join(self.out, "config.yaml"))
+
+    def release(self) -> None:
+        """Give up the folder's lock and remove the lock file (the run is over; :func:`cli_main` calls this)."""
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            unlock_folder(lock)
 
     def writers(self, jsonl: bool = True, csv_file: bool = True) -> list:
         """The metric writers of this run (rank 0 only): ``metrics.jsonl``, ``metrics.csv``, TensorBoard."""
@@ -247,26 +259,46 @@ def open_run(program: Program, args: argparse.Namespace) -> Run:
 
 def lock_folder(folder: str):
     """Hold ``folder``'s run lock for the life of the returned file object (an OS lock: it goes
-    when the process ends, however it ends). Another process holding it is a :class:`ConfigError`
-    naming its pid. Where the OS has no ``fcntl`` (Windows) nothing is locked."""
+    when the process ends, however it ends; :func:`unlock_folder` also removes the file). Another
+    process holding it is a :class:`ConfigError` naming its pid. Where the OS has no ``fcntl``
+    (Windows) nothing is locked."""
     try:
         import fcntl
     except ImportError:
         return None
-    fh = open(os.path.join(folder, LOCK), "a+", encoding="ascii")
-    try:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        fh.seek(0)
-        holder = fh.read().strip() or "unknown"
-        fh.close()
-        raise ConfigError(f"{folder} is in use by another process (pid {holder}); wait for it to finish or "
-                          "stop it (it checkpoints on Ctrl-C), then --resume") from None
+    path = os.path.join(folder, LOCK)
+    while True:
+        fh = open(path, "a+", encoding="ascii")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            fh.close()
+            raise ConfigError(f"{folder} is in use by another process (pid {holder}); wait for it to finish or "
+                              "stop it (it checkpoints on Ctrl-C), then --resume") from None
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        if current is not None and os.path.samestat(current, os.fstat(fh.fileno())):
+            break
+        fh.close()       # the holder removed the file as we opened it: lock the file that is there now
     fh.seek(0)
     fh.truncate()
     fh.write(f"{os.getpid()}\n")
     fh.flush()
     return fh
+
+
+def unlock_folder(fh) -> None:
+    """Remove the lock file, then release the lock (a process that opened the old file then sees it
+    is gone and locks a new one: :func:`lock_folder`)."""
+    try:
+        os.unlink(fh.name)
+    except FileNotFoundError:
+        pass
+    fh.close()
 
 
 def holds_run(folder: str) -> bool:
@@ -351,6 +383,37 @@ def _number(text: str) -> Any:
     return int(value) if value.is_integer() else value
 
 
+# --------------------------------------------------------------------------- signals
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def handle_interrupts() -> dict:
+    """SIGINT and SIGTERM raise ``KeyboardInterrupt`` in this (main) thread, whatever the process
+    inherited; returns the previous handlers for :func:`restore_handlers`.
+
+    A process started with ``cmd &`` from a non-interactive shell inherits SIGINT = ignored, and
+    Python installs its Ctrl-C handler only where SIGINT was not ignored at start: without this,
+    ``kill -INT`` would do nothing to such a process. (``mlo.Runner`` installs its own handlers
+    while it steps, so a signal there finishes the step and checkpoints; a child process inherits
+    the default action, not these handlers.) Outside the main thread nothing is changed."""
+    previous = {}
+    for sig, handler in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, _raise_interrupt)):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:      # not the main thread
+            return previous
+    return previous
+
+
+def restore_handlers(previous: dict) -> None:
+    """Put back the handlers :func:`handle_interrupts` replaced."""
+    for sig, handler in previous.items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -373,7 +436,17 @@ def cli_main(program: Program, body: Callable[[Run], dict], argv: list[str] | No
     0 done; 1 part of the work failed (:class:`RunFailed`, one line);
     2 bad configuration, path or checkpoint (one line on stderr, nothing trained);
     3 stopped on a non-finite value (the last complete checkpoint is kept); 130 interrupted (resumable).
+    Ctrl-C and SIGTERM are handled however the process was started (:func:`handle_interrupts`);
+    the handlers that were there before are back when it returns.
     """
+    previous = handle_interrupts()
+    try:
+        return _cli_main(program, body, argv)
+    finally:
+        restore_handlers(previous)
+
+
+def _cli_main(program: Program, body: Callable[[Run], dict], argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(program).parse_args(argv)
 
@@ -403,7 +476,10 @@ def cli_main(program: Program, body: Callable[[Run], dict], argv: list[str] | No
         return 0
     t0 = time.time()
     try:
-        result = body(run)
+        try:
+            result = body(run)
+        finally:
+            run.release()
     except Interrupted as e:
         run.say(f"\n{e}; checkpoint saved. Continue with:\n  {run.resume_command(getattr(e, 'processes', 1))}")
         return 130

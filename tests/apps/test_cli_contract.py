@@ -264,6 +264,7 @@ def test_a_run_still_going_is_not_resumed_or_overwritten_by_a_second_process(tmp
     out = str(tmp_path / "run")
     assert cli_main(program, body, ["--out", out]) == 0
     before = _files(out)
+    assert ".run.lock" not in before               # a run that ended leaves no lock file behind
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[2]);"
                                "from applications.common.run_folder import lock_folder; h = lock_folder(sys.argv[1]);"
                                "print('locked', flush=True); time.sleep(60)", out, ROOT],
@@ -281,3 +282,27 @@ def test_a_run_still_going_is_not_resumed_or_overwritten_by_a_second_process(tmp
         holder.kill()
         holder.wait()
     assert cli_main(program, body, ["--resume", out]) == 0        # free again once the holder is gone
+    assert not os.path.exists(os.path.join(out, ".run.lock"))     # the killed holder's file went with this run
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_an_interrupt_stops_a_program_started_with_sigint_ignored(tmp_path, sig):
+    """A program started as ``cmd &`` from a script inherits SIGINT ignored; ``kill -INT`` (and SIGTERM) must
+    still end it as Ctrl-C does: exit 130, the resume hint, and the folder's lock file gone."""
+    import signal
+
+    from tests.subproc import popen_module
+
+    out = str(tmp_path / "run")
+    proc = popen_module("tests.apps.interruptible", ["--out", out], sigint_ignored=True)
+    try:
+        assert proc.stderr.readline().strip() == "ready"
+        proc.send_signal(getattr(signal, sig))
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err[-2000:]
+    assert f"--resume {out}" in err and "Traceback" not in err
+    assert not os.path.exists(os.path.join(out, ".run.lock"))
