@@ -103,7 +103,7 @@ class Experiment:
             self._pending = None
         else:
             self.run.say(f"[{self.app}] {name}: {steps} steps")
-        runner.run(steps)
+        runner.run(until=steps)
         if runner.interrupted:
             raise Interrupted(f"interrupted in arm {name!r} at step {runner.step}")
         result = dict(summary() if summary is not None else {})

@@ -14,12 +14,12 @@ from . import distributed, precision, rng, rows
 from .checkpoint import CheckpointError, has_checkpoint, load_checkpoint, save_checkpoint
 from .check import CheckReport, check_hypergradient, hypergradient
 from .context import Context
-from .engines import (CG, ENGINES, DenseImplicit, Engine, FiniteDifference, FirstOrder, Neumann, Unrolled,
+from .engines import (CG, ENGINES, DenseImplicit, Engine, FiniteDifference, FirstOrder, FOMAML, Neumann, Unrolled,
                       from_config as engine_from_config, to_config as engine_to_config)
 from .errors import ConfigError, GraphError, MLOError, NonFiniteError
 from .graph import Graph
 from .metrics import CSVWriter, JSONLWriter, ProgressBar, TensorBoardWriter
-from .problem import Problem, SameBatch
+from .problem import Accumulated, Problem, SameBatch
 from .run import RunCheckpoint, Runner, read_checkpoint
 from .state import graph_state_dict, load_graph_state_dict, preserve_buffers
 from .step import Direction, Stepper
@@ -27,8 +27,8 @@ from .step import Direction, Stepper
 __version__ = "0.1.0"
 
 __all__ = [
-    "Problem", "SameBatch", "Graph", "Context", "Runner", "Stepper", "Direction",
-    "Engine", "FirstOrder", "Unrolled", "FiniteDifference", "Neumann", "CG", "DenseImplicit", "ENGINES",
+    "Problem", "SameBatch", "Accumulated", "Graph", "Context", "Runner", "Stepper", "Direction",
+    "Engine", "FirstOrder", "FOMAML", "Unrolled", "FiniteDifference", "Neumann", "CG", "DenseImplicit", "ENGINES",
     "engine_from_config", "engine_to_config",
     "hypergradient", "check_hypergradient", "CheckReport",
     "MLOError", "GraphError", "ConfigError", "NonFiniteError",

@@ -17,7 +17,7 @@ from typing import Sequence
 from torch import nn
 
 from . import rows
-from .engines import Engine, Unrolled
+from .engines import DenseImplicit, Engine, Unrolled
 from .errors import GraphError
 from .problem import Problem, SameBatch
 
@@ -36,6 +36,20 @@ class Plan:
 
     upstream: tuple[str, ...]     # reads of P whose updated value depends on P (adjoint seeds)
     sweep: tuple[SweepStep, ...]  # reverse execution order
+
+
+def init_path(engine: Engine) -> str | None:
+    """How ``engine`` differentiates a start value reset from the read (``Problem.init_from``).
+
+    ``"exact"`` (``Unrolled``: through the steps from the reset), ``"identity"``
+    (``FOMAML``), ``"ignored"`` (implicit engines: the solution does not depend on
+    where the run started), or None: the engine cannot (``FiniteDifference``).
+    An engine says so with an ``init_path`` attribute.
+    """
+    path = getattr(engine, "init_path", None)
+    if path is None and isinstance(engine.reference(), DenseImplicit):
+        return "ignored"
+    return path
 
 
 class Graph:
@@ -112,6 +126,8 @@ class Graph:
                 if c == p.name:
                     raise GraphError(f"problem {p.name!r} names itself in constants; its own parameters are "
                                      "what it optimizes")
+            if p.init_from is not None:
+                self._validate_init(p)
             for r in p.edge_engines:
                 if r not in p.reads:
                     raise GraphError(f"problem {p.name!r}: edge_engines names {r!r}, which it does not read")
@@ -122,6 +138,22 @@ class Graph:
                 raise GraphError(f"problem(s) {', '.join(map(repr, unread))} are read by no objective: "
                                  "they do not influence any other problem; add them to some Problem.reads, "
                                  "run them separately, or name them in Graph(allow_unread=...)")
+
+    def _validate_init(self, p: Problem) -> None:
+        """``Problem.init_from``: the source exists and has the same parameter names, shapes and dtypes."""
+        src = self.problems.get(p.init_from)
+        if src is None:
+            raise self._unknown(p.init_from, f"problem {p.name!r} init_from")
+        mine, theirs = p.params_tree, src.params_tree
+        if set(mine) != set(theirs):
+            diff = sorted(set(mine) ^ set(theirs))
+            raise GraphError(f"problem {p.name!r} init_from={src.name!r}: the parameter names differ "
+                             f"({', '.join(map(repr, diff[:5]))}{' ...' if len(diff) > 5 else ''})")
+        for k, t in mine.items():
+            o = theirs[k]
+            if t.shape != o.shape or t.dtype != o.dtype:
+                raise GraphError(f"problem {p.name!r} init_from={src.name!r}: parameter {k!r} is "
+                                 f"{tuple(t.shape)} {t.dtype} here, {tuple(o.shape)} {o.dtype} in {src.name!r}")
 
     def _engine(self, q: str, r: str) -> Engine:
         p = self.problems[q]
@@ -171,6 +203,11 @@ class Graph:
         for (q, r), eng in self.engines.items():
             if q in self.differentiated:
                 eng.validate_for(self.problems[q], f"problem {q!r}, edge {q}->{r}")
+                if r == self.problems[q].init_from and eng.passes_adjoint and init_path(eng) is None:
+                    raise GraphError(f"problem {q!r}, edge {q}->{r}: {type(eng).__name__} cannot differentiate "
+                                     f"a start value reset from {r!r} (init_from); use Unrolled (exact), "
+                                     "FOMAML (identity), an implicit engine (CG, Neumann: the start does not "
+                                     "matter) or FirstOrder")
 
     def with_engines(self, replace) -> "Graph":
         """A copy of this graph (same problems) with every edge engine ``e`` replaced by ``replace(e)``."""

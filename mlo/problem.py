@@ -61,6 +61,23 @@ class Problem:
             ``ctx[name]`` is then a ``mlo.rows.RowView`` to index with the
             batch's row numbers, and everything per step is batch-sized
             (``mlo/rows.py``, docs/mlo.md "Row-sparse parameters").
+        init_from: name of a problem whose value this one restarts from at the
+            start of every outer step, just before it runs (φ ← θ, as MAML and
+            iMAML do): its parameters are copied from the source's current
+            values and its optimizer state (momentum, Adam moments) is cleared.
+            The source is added to ``reads`` (the hypergradient reaches it
+            through this edge); the graph checks it has the same parameter names
+            and shapes. How the start value's dependence on the source is
+            differentiated is the edge engine's choice (docs/mlo.md "Meta-learning").
+        after_step: ``fn(params)`` called under ``torch.no_grad()`` after every
+            optimizer step, with the parameters in the structure ``ctx[name]``
+            returns (a tensor, a list, or a dict of named tensors); modify them
+            in place to project or clamp (e.g. ``lambda lr: lr.clamp_(min=1e-4)``).
+            Engines do not differentiate it (they see the update without it).
+        accumulate: number of batches each step draws; the step's objective is
+            the mean of the objective over them, so the update direction is the
+            mean of the k gradients. The step's record holds the k batches
+            (an ``Accumulated`` tuple) and every engine re-evaluates that mean.
     """
 
     name: str
@@ -78,6 +95,9 @@ class Problem:
     modules: Sequence[nn.Module] = ()
     constants: Sequence[str] = ()
     rows: Callable[[Any], Tensor] | None = None
+    init_from: str | None = None
+    after_step: Callable[[Any], Any] | None = None
+    accumulate: int = 1
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -97,6 +117,9 @@ class Problem:
         if isinstance(self.constants, str):
             self.constants = [self.constants]
         self.constants = list(self.constants)
+        self._check_lifecycle(where)
+        if self.init_from is not None and self.init_from not in self.reads:
+            self.reads.append(self.init_from)
         both = sorted(set(self.reads) & set(self.constants))
         if both:
             raise ConfigError(f"{where}: {', '.join(map(repr, both))} in both reads and constants; a problem "
@@ -109,12 +132,53 @@ class Problem:
         self.torch_optimizer = self._build_optimizer(where)
         self.torch_scheduler = self.scheduler(self.torch_optimizer) if self.scheduler is not None else None
         self.sign = 1.0 if self.mode == "min" else -1.0
-        self.stream = DataStream(self.data)
+        self.stream = DataStream(self.data) if self.accumulate == 1 else AccumulatingStream(self.data, self.accumulate)
+        if self.accumulate > 1:
+            self.objective = _mean_objective(self.objective)
         if self.rows is not None:
             from . import rows
             rows.validate(self, where)
 
     # ------------------------------------------------------------------ helpers
+    def _check_lifecycle(self, where: str) -> None:
+        if self.init_from is not None:
+            if not isinstance(self.init_from, str) or not self.init_from:
+                raise ConfigError(f"{where}: init_from: expected a problem name, got {self.init_from!r}")
+            if self.init_from == self.name:
+                raise ConfigError(f"{where}: init_from names the problem itself; name the problem whose value "
+                                  "it restarts from")
+            if self.init_from in self.constants:
+                raise ConfigError(f"{where}: init_from={self.init_from!r} is also in constants; the start value "
+                                  "is read (and differentiated as its engine decides), not held fixed")
+            if self.rows is not None:
+                raise ConfigError(f"{where}: init_from is not supported on a row-sparse problem (rows=...)")
+        if self.after_step is not None and not callable(self.after_step):
+            raise ConfigError(f"{where}: after_step: expected a callable fn(params), got "
+                              f"{type(self.after_step).__name__}")
+        k = self.accumulate
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ConfigError(f"{where}: accumulate: expected an integer >= 1, got {k!r}")
+        if k > 1:
+            if self.data is None or isinstance(self.data, SameBatch):
+                kind = "no data" if self.data is None else f"SameBatch({self.data.source!r})"
+                raise ConfigError(f"{where}: accumulate={k} needs a data source of its own to draw {k} batches "
+                                  f"from, got {kind}")
+            if self.rows is not None:
+                raise ConfigError(f"{where}: accumulate is not supported on a row-sparse problem (rows=...)")
+
+    def reset_from(self, source: "Problem") -> None:
+        """``init_from``: copy ``source``'s values into this problem's parameters, clear the optimizer state."""
+        with torch.no_grad():
+            for k, p in self.params_tree.items():
+                p.copy_(source.params_tree[k])
+        self.torch_optimizer.state.clear()
+
+    def run_after_step(self) -> None:
+        """Call ``after_step`` on the parameters (no gradient tracking)."""
+        if self.after_step is not None:
+            with torch.no_grad():
+                self.after_step(self.unpack(self.params_tree))
+
     def _build_optimizer(self, where: str) -> torch.optim.Optimizer:
         leaves = list(self.params_tree.values())
         opt = self.optimizer
@@ -167,6 +231,22 @@ def _normalize_params(params, where: str) -> tuple[Tree, str]:
             raise ConfigError(f"{where}: params[{k!r}]: must be floating point, got {p.dtype}")
         p.requires_grad_(True)
     return tree, kind
+
+
+class Accumulated(tuple):
+    """The ``k`` batches of one step of a problem with ``accumulate=k`` (what its record holds)."""
+
+
+def _mean_objective(objective: Objective) -> Objective:
+    def mean(ctx, batch):
+        if not isinstance(batch, Accumulated):
+            return objective(ctx, batch)
+        total = objective(ctx, batch[0])
+        for b in batch[1:]:
+            total = total + objective(ctx, b)
+        return total / len(batch)
+    mean.__wrapped__ = objective
+    return mean
 
 
 @dataclass(frozen=True)
@@ -251,3 +331,19 @@ class DataStream:
             gen.set_state(state["generator_now"])   # where the loader's own generator had got to
         self.position = int(state["position"])
 
+
+
+class AccumulatingStream(DataStream):
+    """A ``DataStream`` whose ``next()`` draws ``k`` batches at once, as an ``Accumulated`` tuple.
+
+    Its position counts the batches underneath, so resume replays them exactly.
+    """
+
+    def __init__(self, data: Iterable, k: int):
+        super().__init__(data)
+        self.k = k
+
+    def next(self):
+        group = Accumulated(DataStream.next(self) for _ in range(self.k))
+        self.last = group
+        return group

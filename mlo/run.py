@@ -34,11 +34,12 @@ class RunCheckpoint:
     graph_state: dict
     path: str
     fallback_reason: str | None = None
+    init_from: dict | None = None     # {problem: source} (Problem.init_from) when it was written; None: older file
 
     def to_state(self) -> dict:
         """The dict ``Runner.state_dict`` wrote."""
         return {"graph": self.graph_state, "step": self.step, "skipped": dict(self.skip_counts),
-                "extra": self.extra}
+                "extra": self.extra, "init_from": self.init_from}
 
 
 def read_checkpoint(path: str | os.PathLike, set_aside_damaged: bool = False) -> RunCheckpoint:
@@ -57,7 +58,12 @@ def read_checkpoint(path: str | os.PathLike, set_aside_damaged: bool = False) ->
         os.replace(path, path + ".damaged")
     return RunCheckpoint(step=int(state["step"]), extra=dict(state.get("extra") or {}),
                          skip_counts=dict(state.get("skipped", {})), graph_state=state["graph"], path=used,
-                         fallback_reason=reason)
+                         fallback_reason=reason, init_from=state.get("init_from"))
+
+
+def _init_from(graph: Graph) -> dict[str, str]:
+    """``{problem: the problem it restarts from}`` (``Problem.init_from``), recorded in checkpoints."""
+    return {n: p.init_from for n, p in graph.problems.items() if p.init_from is not None}
 
 
 class Runner:
@@ -113,7 +119,7 @@ class Runner:
 
     def state_dict(self) -> dict:
         state = {"graph": graph_state_dict(self.graph), "step": self.stepper.step_count,
-                 "skipped": dict(self.stepper.skipped)}
+                 "skipped": dict(self.stepper.skipped), "init_from": _init_from(self.graph)}
         if self.extra_state is not None:
             state["extra"] = self.extra_state()
         return state
@@ -122,6 +128,10 @@ class Runner:
         """Restore a ``state_dict()`` (or a ``RunCheckpoint``): graph, RNG, step counter, skip counts."""
         if isinstance(state, RunCheckpoint):
             state = state.to_state()
+        saved, now = state.get("init_from"), _init_from(self.graph)
+        if saved is not None and saved != now:
+            raise CheckpointError(f"checkpoint does not match the graph: it was written with init_from {saved}, "
+                                  f"the graph declares {now} (Problem.init_from)")
         load_graph_state_dict(self.graph, state["graph"], rng_state=True)
         self.stepper.step_count = int(state["step"])
         self.stepper.skipped.update(state.get("skipped", {}))
@@ -149,8 +159,26 @@ class Runner:
         self.restore(ckpt)
         return ckpt
 
-    def run(self, steps: int) -> dict:
-        """Run until the outer step counter reaches ``steps``; returns the last logged row."""
+    def run(self, steps: int | None = None, *, until: int | None = None) -> dict:
+        """Run ``steps`` more outer steps, or until the step counter reaches ``until``; returns the last logged row.
+
+        Give exactly one. ``run(steps=10)`` twice runs 20 steps. ``until`` is for
+        a run resumed from a checkpoint that should end at a fixed total
+        (``run(until=1000)`` after ``resume``); an ``until`` already reached runs
+        nothing and returns the last logged row (empty if none), one below the
+        counter raises ``ValueError``. A SIGINT/SIGTERM stops earlier
+        (``interrupted``).
+        """
+        if (steps is None) == (until is None):
+            raise ValueError("Runner.run: give exactly one of steps (how many more steps) or until "
+                             f"(the step counter to stop at); got steps={steps!r}, until={until!r}")
+        for what, value in (("steps", steps), ("until", until)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ValueError(f"Runner.run: {what}: expected an integer >= 0, got {value!r}")
+        if until is not None and until < self.step:
+            raise ValueError(f"Runner.run: until={until} is below the step counter ({self.step}); "
+                             f"run(steps=N) runs N more steps")
+        steps = self.step + steps if until is None else until
         bar = ProgressBar(steps, start=self.step) if self.progress else None
         previous = {}
 

@@ -102,6 +102,8 @@ class Stepper:
             if name in skip:
                 continue
             problem = self.graph.problems[name]
+            if problem.init_from is not None:   # φ ← θ before the problem runs (Problem.init_from)
+                problem.reset_from(self.graph.problems[problem.init_from])
             keep = self.graph.records_needed.get(name, 0)
             recorded = name in self.graph.differentiated
             records: list[StepRecord] = []
@@ -135,7 +137,9 @@ class Stepper:
                 rows, reads, consts = rowsmod.run_rows(problem, records, read_values, constants)
                 own = rowsmod.gather(problem.params_tree, rows[name]) if name in rows else detach(problem.params_tree)
                 self.runs[name] = RunRecord(name=name, loss=self._aux_loss(problem, consts, rows), reads=reads,
-                                            solution=own, lr=lr, records=records, rows=rows)
+                                            solution=own, lr=lr, records=records, rows=rows,
+                                            init_from=problem.init_from,
+                                            from_start=len(records) == problem.steps)
         return metrics
 
     def _next_batch(self, problem: Problem, k: int):
@@ -287,6 +291,7 @@ class Stepper:
             problem.torch_optimizer.step()
             for p in problem.params_tree.values():   # = zero_grad(set_to_none=True): it holds exactly these
                 p.grad = None
+        problem.run_after_step()   # Problem.after_step: a projection or clamp, not differentiated
         if problem.torch_scheduler is not None:
             problem.torch_scheduler.step()
 

@@ -119,7 +119,7 @@ def run_search(run: Run, env: mlo.distributed.Env | None = None) -> dict:
                 print(f"stage {state.stage + 1}/{len(plan)}: {total} steps"
                       + (f" on {env.world_size} processes" if env.distributed else "") + f"\n{graph}", file=sys.stderr)
             try:
-                runner.run(total)
+                runner.run(until=total)
             except mlo.NonFiniteError as e:
                 run.say(_non_finite_message(e, run, offset, runner, env))
                 raise

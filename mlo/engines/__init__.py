@@ -6,9 +6,10 @@ convert between engines and plain configuration; ``ENGINES`` maps names to class
 from .base import Engine, RunRecord, StepRecord
 from .finite_difference import FiniteDifference
 from .first_order import FirstOrder
+from .identity import FOMAML
 from .implicit import CG, DenseImplicit, Neumann
 from .spec import ENGINES, from_config, to_config
 from .unrolled import Unrolled
 
-__all__ = ["Engine", "RunRecord", "StepRecord", "FirstOrder", "Unrolled", "FiniteDifference", "Neumann", "CG",
+__all__ = ["Engine", "RunRecord", "StepRecord", "FirstOrder", "FOMAML", "Unrolled", "FiniteDifference", "Neumann", "CG",
            "DenseImplicit", "ENGINES", "from_config", "to_config"]

@@ -57,6 +57,10 @@ class RunRecord:
     lr: float                       # learning rate of the last step (first parameter group)
     records: list[StepRecord] = field(default_factory=list)
     rows: dict = field(default_factory=dict)   # {row-sparse problem: Rows its values here hold}
+    # Problem.init_from: the read whose value this run started from, and whether ``records[0]`` is the
+    # run's first step (taken from that value) rather than a later one
+    init_from: str | None = None
+    from_start: bool = False
 
     @property
     def last(self) -> StepRecord:

@@ -32,6 +32,10 @@ class Unrolled(Engine):
     steps: int = 1
     reuse_step_graph: bool = False
 
+    #: ``Problem.init_from``: the start value is bound to the source's value, so the reverse pass goes
+    #: through it too, when the K steps reach back to the reset (K = the problem's steps); else truncated
+    init_path = "exact"
+
     def __post_init__(self):
         check_int("Unrolled", "steps", self.steps, 1)
         if not isinstance(self.reuse_step_graph, bool):
@@ -58,12 +62,17 @@ class Unrolled(Engine):
         updates.check_supported(problem.torch_optimizer, where)
 
     def vjp(self, site: RunRecord, u: Tree, wrt: list[str]) -> dict[str, Tree]:
+        start = site.init_from if (site.init_from in wrt and site.from_start
+                                   and len(site.records) == self.steps) else None
         kept = site.last.graph
-        if self.reuse_step_graph and kept is not None and all(r in kept[1] for r in wrt):
+        if self.reuse_step_graph and kept is not None and start is None and all(r in kept[1] for r in wrt):
             return _through_step_graph(site.last, kept, u, wrt)
         records = site.records[-self.steps:]
         reads = site.bind(wrt)
-        w = {k: v.detach() for k, v in records[0].params.items()}
+        if start is not None:   # w_0 is the source's value itself: w_0 = θ
+            w = {k: reads[start][k] for k in records[0].params}
+        else:
+            w = {k: v.detach() for k, v in records[0].params.items()}
         state = records[0].snapshot
         for rec in records:
             state = updates.Snapshot(state.kind, rec.snapshot.hyper, state.state, state.clip)

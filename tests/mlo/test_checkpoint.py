@@ -66,7 +66,7 @@ SCRIPT = textwrap.dedent('''
         if mode == "resume":
             runner.resume()
         start = runner.step
-        runner.run(int(steps))
+        runner.run(until=int(steps))
         torch.save({"params": params(graph), "step": runner.step, "start": start}, out)
 ''')
 
@@ -125,7 +125,7 @@ def test_resume_in_process_is_bit_identical(script, tmp_path):
     runner = mlo.Runner(graph, progress=False)
     runner.resume(ckpt)
     assert runner.step == CUT
-    runner.run(TOTAL)
+    runner.run(until=TOTAL)
     _assert_same(full, mod.params(graph))
 
 
@@ -137,7 +137,7 @@ def test_state_dict_is_a_snapshot(script):
     runner.run(CUT)
     taken = runner.state_dict()
     frozen = torch.load(_roundtrip(taken), weights_only=True)  # an independent copy, made now
-    runner.run(TOTAL)
+    runner.run(until=TOTAL)
     full = mod.params(graph)
     buf_taken = taken["graph"]["problems"]["inner"]["optimizer"]["state"][0]["momentum_buffer"]
     buf_frozen = frozen["graph"]["problems"]["inner"]["optimizer"]["state"][0]["momentum_buffer"]
@@ -145,7 +145,7 @@ def test_state_dict_is_a_snapshot(script):
     graph2 = mod.build()
     runner2 = mlo.Runner(graph2, progress=False)
     runner2.load_state_dict(taken)
-    runner2.run(TOTAL)
+    runner2.run(until=TOTAL)
     _assert_same(full, mod.params(graph2))
 
 
@@ -164,7 +164,7 @@ def test_corrupted_checkpoint_falls_back_to_prev(script, tmp_path):
     runner = mlo.Runner(graph, progress=False, checkpoint=ckpt,
                         callbacks=[lambda step, row: seen.__setitem__(step, mod.params(graph))])
     runner.run(1)  # writes c.pt (step 1) at the end
-    runner.run(2)  # c.pt (step 2), c.pt.prev (step 1)
+    runner.run(1)  # c.pt (step 2), c.pt.prev (step 1)
     assert torch.load(str(ckpt) + ".prev", weights_only=True)["step"] == 1
     # damage c.pt
     data = ckpt.read_bytes()

@@ -95,7 +95,7 @@ def test_writers_append_on_resume(tmp_path):
         jw, cw = mlo.JSONLWriter(jpath), mlo.CSVWriter(cpath)
         runner = mlo.Runner(graph, callbacks=[jw, cw], progress=False)
         runner.stepper.step_count = start
-        runner.run(stop)
+        runner.run(until=stop)
         runner.close()
     assert [json.loads(x)["step"] for x in jpath.read_text().splitlines()] == [1, 2, 3, 4]
     lines = cpath.read_text().splitlines()

@@ -188,7 +188,7 @@ def test_checkpoint_resume_is_bit_identical(tmp_path):
     resumed = chain(True, mlo.Unrolled(), opt)
     runner = mlo.Runner(resumed, progress=False, checkpoint=tmp_path / "c.pt")
     runner.resume()
-    runner.run(4)
+    runner.run(until=4)
     a, b = params(straight), params(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     ta, tb = (g.problems["T"] for g in (straight, resumed))

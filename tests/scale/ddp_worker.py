@@ -26,7 +26,7 @@ def run(second_order, steps=STEPS, runner_kw=None, nan=None, before=None, resume
         runner.before_step = lambda step: before(runner, step)
     if resume is not None:
         runner.resume(resume)
-    runner.run(steps)
+    runner.run(until=steps)
     return graph, dp, runner
 
 
