@@ -11,14 +11,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
 from applications.hpo import __main__ as cli
-from tests.subproc import ROOT, child_env, describe, run_module
+from tests.subproc import describe, popen_module, run_module
 
 from .helpers import check_outputs, doc_code_is_current, tiny
 
@@ -57,8 +55,7 @@ def test_interrupted_run_resumes_exactly(tmp_path):
              "--set", "outer_steps=200", *ARGS]
     run_module("applications.hpo", [*small, "--out", ref])
 
-    proc = subprocess.Popen([sys.executable, "-m", "applications.hpo", *small, "--out", cut], cwd=ROOT,
-                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = popen_module("applications.hpo", [*small, "--out", cut], sigint_ignored=True)    # as `cmd &` starts it
     while not os.path.exists(os.path.join(cut, "checkpoint.pt")) and proc.poll() is None:
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)

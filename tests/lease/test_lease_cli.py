@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import mlo
-from tests.subproc import ROOT, child_env, run_module
+from tests.subproc import ROOT, child_env, popen_module, run_module
 
 from .tiny import search_args
 
@@ -46,8 +46,7 @@ def test_search_writes_every_artifact_and_resume_equals_uninterrupted(tmp_path):
 
     # interrupt a second run with Ctrl-C after its first checkpoint, then resume it
     part = str(tmp_path / "part")
-    proc = subprocess.Popen([sys.executable, "-m", "applications.lease.search", *TINY, "--out", part], cwd=ROOT,
-                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = popen_module("applications.lease.search", [*TINY, "--out", part], sigint_ignored=True)   # as `cmd &` does
     while not os.path.exists(os.path.join(part, "checkpoint.pt")) and proc.poll() is None:
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
