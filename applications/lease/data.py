@@ -34,6 +34,8 @@ from torch.utils.data import DataLoader, Dataset
 from applications.digits import arrays as digits_arrays
 from applications.digits import stratified_split
 
+from . import synthetic
+
 __all__ = [
     "DATASETS",
     "DataSplits",
@@ -228,6 +230,13 @@ def _load_digits(seed: int, full_train: bool, subset_fraction: float | None, cut
     pixels, labels = digits_arrays()
     images = torch.tensor(pixels, dtype=torch.float32).div_(16.0).view(-1, 1, 8, 8)  # in [0, 1]
     return small_splits(images, labels, 10, seed, full_train, subset_fraction, cutout)
+
+
+def _load_synthetic(seed: int, full_train: bool, subset_fraction: float | None, cutout: int) -> DataSplits:
+    """The known-answer task (:mod:`.synthetic`) in the digits' layout (``full_train`` merges train + val)."""
+    images, labels = synthetic.synthetic_arrays()
+    return small_splits(torch.from_numpy(images), labels, len(synthetic.CLASSES), seed, full_train, subset_fraction,
+                        cutout)
 
 
 def small_splits(images: torch.Tensor, labels: np.ndarray, num_classes: int, seed: int, full_train: bool,
@@ -464,8 +473,7 @@ def load_dataset(
     if key == "digits":
         return _load_digits(seed, full_train, subset_fraction, cutout)
     if key == "synthetic":
-        from .synthetic import load_synthetic
-        return load_synthetic(seed, full_train, subset_fraction, cutout)
+        return _load_synthetic(seed, full_train, subset_fraction, cutout)
     if key in ("cifar10", "cifar100"):
         if not 0.0 < train_portion < 1.0:
             raise ValueError(f"train_portion must be in (0, 1), got {train_portion}")

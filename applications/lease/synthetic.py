@@ -12,13 +12,14 @@ see it only through a stack of ops. A search that learns from the data should
 therefore put more weight on :data:`TARGET_OPS` than a random cell does
 (3 of the 7 non-``none`` ops: 43 %).
 
-The images are a fixed draw (seed :data:`DATA_SEED`), split like the digits:
-50 % train / 25 % val / 25 % test, stratified, the split fixed by ``seed``.
+The images are a fixed draw (seed :data:`DATA_SEED`); ``applications.lease.data``
+splits them like the digits (``load_dataset("synthetic", ...)``): 50 % train / 25 % val /
+25 % test, stratified, the split fixed by ``seed``. This module only makes the arrays (it
+imports nothing from the package).
 """
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 LAG = 4
 SIZE = 8
@@ -50,10 +51,3 @@ def synthetic_arrays(per_class: int = PER_CLASS, seed: int = DATA_SEED) -> tuple
         labels.append(np.full(per_class, label))
     return (np.concatenate(images)[:, None].astype(np.float32), np.concatenate(labels).astype(np.int64))
 
-
-def load_synthetic(seed: int, full_train: bool, subset_fraction: float | None, cutout: int):
-    """The task as ``DataSplits`` (the digits' layout: train / val / test, ``full_train`` merges train + val)."""
-    from .data import small_splits
-
-    images, labels = synthetic_arrays()
-    return small_splits(torch.from_numpy(images), labels, len(CLASSES), seed, full_train, subset_fraction, cutout)

@@ -149,3 +149,25 @@ def test_make_loader_is_seeded():
     other = [i.tolist() for _, _, i in make_loader(s.val, 64, shuffle=True, seed=8)]
     assert first == again and first != other
     assert all(len(b) == 64 for b in first) and len(first) == 449 // 64
+
+
+def test_synthetic_task_is_split_like_the_digits_and_correlated_only_at_its_lag():
+    """The known-answer task: 4 stratified classes split 50/25/25 (train + val merged with full_train), and
+    each class's pixels correlated +-CORRELATION at distance LAG along its direction, at no other distance."""
+    from applications.lease import synthetic
+
+    splits = load_dataset("synthetic", seed=0, full_train=False)
+    n = synthetic.PER_CLASS * len(synthetic.CLASSES)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (n // 2, n // 4 + 2, n // 4 - 2)
+    assert splits.num_classes == 4 and splits.in_channels == 1
+    merged = load_dataset("synthetic", seed=0, full_train=True)
+    assert len(merged.train) == len(splits.train) + len(splits.val) and len(merged.val) == 0
+    x, y = synthetic.synthetic_arrays(per_class=3000, seed=1)
+    assert x.shape == (12000, 1, 8, 8) and np.bincount(y).tolist() == [3000] * 4
+    for label, (axis, sign) in enumerate(((2, 1), (2, -1), (1, 1), (1, -1))):   # rows: along the last axis
+        img = x[y == label, 0]
+        for lag in range(1, 8):
+            a = np.take(img, range(0, 8 - lag), axis=axis).ravel()
+            b = np.take(img, range(lag, 8), axis=axis).ravel()
+            want = sign * synthetic.CORRELATION if lag == synthetic.LAG else 0.0
+            assert np.corrcoef(a, b)[0, 1] == pytest.approx(want, abs=0.02), (label, lag)
