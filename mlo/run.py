@@ -13,6 +13,7 @@ from typing import Callable, Iterable
 from .graph import Graph
 from .metrics import ProgressBar, flatten
 from .checkpoint import CheckpointError, load_with_fallback, save_checkpoint
+from .errors import ConfigError
 from .state import graph_state_dict, load_graph_state_dict
 from .step import Stepper
 
@@ -90,7 +91,7 @@ class Runner:
                  checkpoint_every: int = 0, stepper: Stepper | None = None, extra_state: Callable[[], dict] | None = None,
                  before_step: Callable[[int], Iterable[str] | None] | None = None):
         if log_every < 1:
-            raise ValueError(f"log_every: expected an integer >= 1, got {log_every}")
+            raise ConfigError(f"log_every: expected an integer >= 1, got {log_every}")
         self.graph = graph
         self.stepper = stepper or Stepper(graph, nan_policy=nan_policy)
         self.callbacks = list(callbacks)

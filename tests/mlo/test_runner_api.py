@@ -26,6 +26,11 @@ def _graph(nan_at=None):
                       mlo.Problem("outer", theta, outer, lambda p: torch.optim.SGD(p, lr=0.1), reads=["inner"])])
 
 
+def test_a_bad_log_every_is_an_mlo_config_error():
+    with pytest.raises(mlo.ConfigError, match="log_every: expected an integer >= 1, got 0"):
+        mlo.Runner(_graph(), log_every=0)
+
+
 def test_last_saved_step_and_extra_state(tmp_path):
     ckpt = tmp_path / "c.pt"
     runner = mlo.Runner(_graph(), progress=False, checkpoint=ckpt, checkpoint_every=2,
