@@ -13,6 +13,12 @@ paper), built by ``applications.lease.problems.build_problems``:
 ``--variants exact`` times instead DARTS-2nd and LeaSE-R18 with the exact one-step
 engine on every edge, with and without ``Unrolled(reuse_step_graph=True)`` (the real
 step keeps its gradient's graph and the edge is a double backward through it).
+``--variants engines`` times finite differences against the exact engine with the kept
+step graph, for DARTS-2nd and LeaSE-R18 side by side, and reports each exact step over
+its own finite-difference step (wall and process CPU time, paired per repetition): the
+measurement behind the digits and known-answer presets' default engines.
+``--data synthetic`` builds the batches from the known-answer task instead of digits
+(same 8×8 shapes; 4 classes instead of 10).
 
 The paper's search-cost table implies a LeaSE step costs 1.13–1.27× a DARTS-2nd
 step (1.7/1.5 and 1.9/1.5 GPU-days). Goal: ≤ 1.3×.
@@ -59,6 +65,10 @@ EXACT = {"DARTS-2nd, exact": ("baseline", "resnet18", _exact("baseline", False))
          "LeaSE-R18, exact": ("lease", "resnet18", _exact("lease", False)),
          "LeaSE-R18, exact, step graph": ("lease", "resnet18", _exact("lease", True))}
 ALL = {**VARIANTS, **EXACT}
+# finite differences vs the exact engine through the kept step graph, per mode (``--variants engines``)
+ENGINES = ("DARTS-2nd", "DARTS-2nd, exact, step graph", "LeaSE-R18", "LeaSE-R18, exact, step graph")
+FD_OF = {"DARTS-2nd, exact": "DARTS-2nd", "DARTS-2nd, exact, step graph": "DARTS-2nd",
+         "LeaSE-R18, exact": "LeaSE-R18", "LeaSE-R18, exact, step graph": "LeaSE-R18"}
 GOAL_VARIANTS = ("LeaSE-R18", "LeaSE-R50")
 STAGES = ("explainer", "explanation", "audience", "architecture")
 
@@ -96,10 +106,10 @@ class TimedEngine(mlo.Engine):
         return out
 
 
-def build(variant: str, size: str, seed: int, device, timed: bool = False):
+def build(variant: str, size: str, seed: int, device, timed: bool = False, data: str = "digits"):
     """``(step(), marks)``: with ``timed``, ``marks`` collects stage end times and edge VJP times."""
     mode, audience, extra = ALL[variant]
-    cfg = nas.config(size, mode=mode, audience=audience, **extra)
+    cfg = nas.config(size, mode=mode, audience=audience, **{"data.name": data, **extra})
     fx = nas.fixture(cfg, size, seed, device)
     marks = {"ends": {}, "starts": {}, "edges": defaultdict(float)}
 
@@ -125,9 +135,9 @@ def build(variant: str, size: str, seed: int, device, timed: bool = False):
     return step, marks
 
 
-def breakdown(variant: str, size: str, seed: int, device, reps: int, warmup: int) -> dict:
+def breakdown(variant: str, size: str, seed: int, device, reps: int, warmup: int, data: str = "digits") -> dict:
     """Median seconds per stage (and per edge of the architecture's sweep)."""
-    step, marks = build(variant, size, seed, device, timed=True)
+    step, marks = build(variant, size, seed, device, timed=True, data=data)
     for _ in range(warmup):
         step()
     samples = defaultdict(list)
@@ -154,42 +164,59 @@ def breakdown(variant: str, size: str, seed: int, device, reps: int, warmup: int
     return {k: common.summary(v)["median"] for k, v in samples.items()}
 
 
-def memory_child(variant: str, size: str, seed: int, device: str, warmup: int) -> int:
-    return common.step_peak(lambda: build(variant, size, seed, device)[0], device, warmup)
+def memory_child(variant: str, size: str, seed: int, device: str, warmup: int, data: str = "digits") -> int:
+    return common.step_peak(lambda: build(variant, size, seed, device, data=data)[0], device, warmup)
 
 
 def run(args) -> dict:
     device = torch.device(args.device)
-    chosen = {"paper": list(VARIANTS), "exact": ["DARTS-2nd", *EXACT], "all": list(ALL)}[args.variants]
-    fns = {v: build(v, args.size, args.seed, device)[0] for v in chosen}
-    times = common.time_interleaved(fns, args.reps, args.warmup, device)
+    chosen = {"paper": list(VARIANTS), "exact": ["DARTS-2nd", *EXACT], "engines": list(ENGINES),
+              "all": list(ALL)}[args.variants]
+    fns = {v: build(v, args.size, args.seed, device, data=args.data)[0] for v in chosen}
+    cpu: dict[str, list[float]] = {}
+    times = common.time_interleaved(fns, args.reps, args.warmup, device, cpu=cpu)
     mem = {}
     if not args.no_memory and common.memory_supported(device):
         for v in chosen:
             mem[v] = common.isolated("benchmarks.lease_step:memory_child", device, variant=v, size=args.size,
-                                     seed=args.seed, device=str(device), warmup=args.warmup)
+                                     seed=args.seed, device=str(device), warmup=args.warmup, data=args.data)
     rows, goals, stages = [], [], {}
     for v in chosen:
-        t = common.summary(times[v])
+        t, c = common.summary(times[v]), common.summary(cpu[v])
         r = common.paired_ratio(times[v], times["DARTS-2nd"])
-        stages[v] = breakdown(v, args.size, args.seed, device, args.reps, args.warmup)
-        rows.append({"variant": v, "time_ms": common.ms(t["median"]), "time_iqr_ms": [common.ms(t["q25"]),
-                                                                                     common.ms(t["q75"])],
-                     "ratio_vs_darts": r["median"], "ratio_iqr": [r["q25"], r["q75"]],
-                     "peak_mib": common.mib(mem.get(v)),
-                     "memory_ratio_vs_darts": common.memory_ratio(mem.get(v), mem.get("DARTS-2nd"), device)[0]})
+        rc = common.paired_ratio(cpu[v], cpu["DARTS-2nd"])
+        row = {"variant": v, "time_ms": common.ms(t["median"]), "time_iqr_ms": [common.ms(t["q25"]),
+                                                                                 common.ms(t["q75"])],
+               "cpu_ms": common.ms(c["median"]),
+               "ratio_vs_darts": r["median"], "ratio_iqr": [r["q25"], r["q75"]], "cpu_ratio_vs_darts": rc["median"],
+               "peak_mib": common.mib(mem.get(v)),
+               "memory_ratio_vs_darts": common.memory_ratio(mem.get(v), mem.get("DARTS-2nd"), device)[0]}
+        fd = FD_OF.get(v)
+        if fd in times:       # the exact step over the finite-difference step of the same mode, paired
+            rf, rfc = common.paired_ratio(times[v], times[fd]), common.paired_ratio(cpu[v], cpu[fd])
+            row.update(ratio_vs_fd=rf["median"], ratio_vs_fd_iqr=[rf["q25"], rf["q75"]],
+                       cpu_ratio_vs_fd=rfc["median"], cpu_ratio_vs_fd_iqr=[rfc["q25"], rfc["q75"]])
+        if not args.no_breakdown:
+            stages[v] = breakdown(v, args.size, args.seed, device, args.reps, args.warmup, args.data)
+        rows.append(row)
         if v in GOAL_VARIANTS:
             goals.append(common.goal(f"{v} step / DARTS-2nd step (time)", r["median"], GOAL))
         print(f"  {v} done", file=sys.stderr)
     return {"rows": rows, "stages_ms": {v: {k: common.ms(s) for k, s in st.items()} for v, st in stages.items()},
-            "goals": goals, "checks": [], "tolerances": {}, "paper_ratio_range": [1.13, 1.27]}
+            "goals": goals, "checks": [], "tolerances": {}, "paper_ratio_range": [1.13, 1.27], "data": args.data}
 
 
 def markdown(result: dict) -> str:
-    rows = [dict(r, iqr=f"{common.fmt(r['ratio_iqr'][0])}–{common.fmt(r['ratio_iqr'][1])}") for r in result["rows"]]
-    t = common.markdown_table(rows, [("variant", "step"), ("time_ms", "time (ms)"), ("ratio_vs_darts", "× DARTS-2nd"),
-                                     ("iqr", "ratio IQR"), ("peak_mib", "peak (MiB)"),
-                                     ("memory_ratio_vs_darts", "memory × DARTS-2nd")])
+    def iqr(r, key):
+        return f"{common.fmt(r[key][0])}–{common.fmt(r[key][1])}" if key in r else None
+    rows = [dict(r, iqr=iqr(r, "ratio_iqr"), fd_iqr=iqr(r, "cpu_ratio_vs_fd_iqr")) for r in result["rows"]]
+    cols = [("variant", "step"), ("time_ms", "time (ms)"), ("cpu_ms", "CPU (ms)"), ("ratio_vs_darts", "× DARTS-2nd"),
+            ("iqr", "ratio IQR"), ("cpu_ratio_vs_darts", "CPU × DARTS-2nd")]
+    if any("ratio_vs_fd" in r for r in rows):
+        cols += [("ratio_vs_fd", "× its FD step"), ("cpu_ratio_vs_fd", "CPU × its FD step"), ("fd_iqr", "CPU IQR")]
+    t = common.markdown_table(rows, cols + [("peak_mib", "peak (MiB)"), ("memory_ratio_vs_darts", "memory × DARTS-2nd")])
+    if not result["stages_ms"]:
+        return "\n\n".join([t, common.goals_markdown(result["goals"])])
     keys = []
     for st in result["stages_ms"].values():
         keys += [k for k in st if k not in keys]
@@ -200,6 +227,8 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: str) -> None:
+    if not result["stages_ms"]:
+        return
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
     variants = list(result["stages_ms"])
@@ -219,9 +248,13 @@ def plot(result: dict, path: str) -> None:
 
 def main(argv=None) -> int:
     parser = common.parser("lease_step", __doc__.splitlines()[0], reps=5, warmup=1)
-    parser.add_argument("--variants", choices=("paper", "exact", "all"), default="paper",
+    parser.add_argument("--variants", choices=("paper", "exact", "engines", "all"), default="paper",
                         help="paper: DARTS-2nd and the LeaSE steps as the paper runs them (finite differences); "
-                             "exact: the exact one-step engine with and without Unrolled(reuse_step_graph=True)")
+                             "exact: the exact one-step engine with and without Unrolled(reuse_step_graph=True); "
+                             "engines: finite differences vs the exact engine with the kept step graph, per mode")
+    parser.add_argument("--data", choices=("digits", "synthetic"), default="digits",
+                        help="the batches: digits (the default preset) or the known-answer task (synthetic preset)")
+    parser.add_argument("--no-breakdown", action="store_true", help="skip the instrumented per-stage run")
     args = common.finish_args(parser.parse_args(argv))
     result = run(args)
     common.write_outputs(args, result, markdown(result), lambda p: plot(result, p))
