@@ -21,6 +21,8 @@ search sees. Methods:
 * ``baseline``: the same preset with ``mode: baseline`` (DARTS-2nd through the same code);
 * ``lease-exact``: the exact engine (``unrolled``) on every edge;
 * ``lease-pgd``: ``explain.method: pgd``;
+* ``lease-fd`` / ``baseline-fd``: finite differences on every edge (the paper's engine);
+* ``baseline-exact``: the baseline with the exact engine (``unrolled``, kept step graph);
 * ``random``: no search.
 
 Every (method, seed) has its own folder ``runs/<method>/seed<N>/`` with
@@ -44,7 +46,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from applications.common import ConfigError, load_config
-from applications.common.run_folder import Interrupted, LoggingConfig, Program, Run, RunFailed, cli_main
+from applications.common.run_folder import (Interrupted, LoggingConfig, Program, Run, RunFailed, cli_main,
+                                            handle_interrupts, restore_handlers)
 
 from . import arch_stats, study_table
 from .config import SearchConfig
@@ -59,6 +62,10 @@ METHODS = {
     "lease-exact": [kv for e in ("explainer", "explanation", "audience")
                     for kv in (f"engines.{e}.name=unrolled", f"engines.{e}.reuse_step_graph=true")],
     "lease-pgd": ["explain.method=pgd"],
+    # the same with the other engine: finite differences on every edge (the paper's), or the baseline exact
+    "lease-fd": [f"engines.{e}.name=finite_difference" for e in ("explainer", "explanation", "audience")],
+    "baseline-fd": ["mode=baseline", "engines.explainer.name=finite_difference"],
+    "baseline-exact": ["mode=baseline", "engines.explainer.name=unrolled", "engines.explainer.reuse_step_graph=true"],
     "random": None,
 }
 CORE = ("lease", "baseline", "random")
@@ -72,7 +79,8 @@ class StudyConfig:
 
     search_config: str = ""          # search preset (empty: the digits preset)
     train_config: str = ""           # evaluation preset (empty: train_<dataset>_study.yaml, else train_<dataset>.yaml)
-    methods: list[Literal["lease", "baseline", "lease-exact", "lease-pgd", "random"]] = field(
+    methods: list[Literal["lease", "baseline", "lease-exact", "lease-pgd", "lease-fd", "baseline-fd",
+                          "baseline-exact", "random"]] = field(
         default_factory=lambda: list(METHODS))
     seeds: int = 5                   # search seeds per method
     seed: int | None = None          # the first (None: the search preset's seed, so lease/seed<it> is its own run)
@@ -289,7 +297,7 @@ def run_study(study: Study, jobs: int = 1, progress: bool = True) -> int:
         except RuntimeError as e:
             failed.append(f"{ms[0]}/seed{ms[1]}: {e}")
             print(f"[study] {ms[0]}/seed{ms[1]} failed: {e}", file=sys.stderr, flush=True)
-    previous = _sigterm_as_interrupt()
+    previous = handle_interrupts()    # Ctrl-C, kill -INT and SIGTERM, however the study was started
     try:
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
             try:
@@ -298,8 +306,7 @@ def run_study(study: Study, jobs: int = 1, progress: bool = True) -> int:
                 stopped.append("Ctrl-C")
                 stop_children()
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        restore_handlers(previous)
     study_table.write(study)
     if stopped:
         return 130
@@ -313,16 +320,6 @@ def child_env(jobs: int, cores: int | None = None) -> dict | None:
     if jobs <= 1 or "OMP_NUM_THREADS" in os.environ:
         return None
     return dict(os.environ, OMP_NUM_THREADS=str(max(1, (cores or os.cpu_count() or 1) // jobs)))
-
-
-def _sigterm_as_interrupt():
-    """SIGTERM stops the study like Ctrl-C (children checkpoint); returns the previous handler."""
-    def on_term(signum, frame):
-        raise KeyboardInterrupt
-    try:
-        return signal.signal(signal.SIGTERM, on_term)
-    except ValueError:    # not the main thread (a test calling run_study from a thread)
-        return None
 
 
 def build_study(cfg: StudyConfig, out: str, command: str) -> Study:

@@ -12,7 +12,8 @@ Schema of ``study.json`` (documented in docs/lease.md, "Study"):
   ``target_op_share_p`` (one-sample t-test of the per-seed shares against the
   chance share) and ``target_op_mass`` (final softmax weight on them).
 * ``paired``: per method against ``baseline`` and ``random``, and each LeaSE
-  variant (``lease-exact``, ``lease-pgd``) against ``lease``, on the seeds both
+  variant (``lease-exact``, ``lease-pgd``, ``lease-fd``) against ``lease``, and ``lease-fd``
+  against ``baseline-fd`` (both on finite differences), on the seeds both
   finished — ``n``, ``mean_diff`` (points), ``ci95``, ``p_value`` (paired t).
 * ``chance``: the agreement and the target-op share of uniformly random cells.
 * ``evaluation_noise``: among the random cells, the std of cell means vs the
@@ -30,7 +31,7 @@ import numpy as np
 
 from . import arch_stats
 
-VARIANTS = ("lease-exact", "lease-pgd")   # LeaSE with one setting changed: also compared with ``lease``
+VARIANTS = ("lease-exact", "lease-pgd", "lease-fd")   # LeaSE with one setting changed: also compared with ``lease``
 from .spaces.genotype import PRIMITIVES, genotype_from_json
 
 
@@ -169,11 +170,13 @@ def summarize(study, cells: dict) -> dict:
             row["target_op_mass"] = float(np.mean(mass)) if mass else None
         rows.append(row)
     paired = []
-    for ref in ("baseline", "random", "lease"):
+    for ref in ("baseline", "random", "lease", "baseline-fd"):
         for method in study.methods:
             if method == ref or ref not in cells or method not in cells:
                 continue
             if ref == "lease" and method not in VARIANTS:   # a variant against the LeaSE it changes
+                continue
+            if ref == "baseline-fd" and method != "lease-fd":   # finite-difference LeaSE vs its own baseline
                 continue
             common = sorted(set(cells[method]) & set(cells[ref]))
             if not common:
