@@ -14,7 +14,9 @@ from . import distributed, precision, rng, rows
 from .checkpoint import CheckpointError, has_checkpoint, load_checkpoint, save_checkpoint
 from .check import CheckReport, check_hypergradient, hypergradient
 from .context import Context
-from .engines import (CG, ENGINES, DenseImplicit, Engine, FiniteDifference, FirstOrder, FOMAML, Neumann, Unrolled,
+from . import solvers
+from .engines import (CG, ENGINES, MINRES, DenseImplicit, Engine, FiniteDifference, FirstOrder, FOMAML, Implicit,
+                      Neumann, Unrolled,
                       from_config as engine_from_config, to_config as engine_to_config)
 from .errors import ConfigError, GraphError, MLOError, NonFiniteError
 from .graph import Graph
@@ -28,7 +30,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Problem", "SameBatch", "Accumulated", "Graph", "Context", "Runner", "Stepper", "Direction",
-    "Engine", "FirstOrder", "FOMAML", "Unrolled", "FiniteDifference", "Neumann", "CG", "DenseImplicit", "ENGINES",
+    "Engine", "FirstOrder", "FOMAML", "Unrolled", "FiniteDifference", "Neumann", "CG", "MINRES", "Implicit", "DenseImplicit", "ENGINES",
+    "solvers",
     "engine_from_config", "engine_to_config",
     "hypergradient", "check_hypergradient", "CheckReport",
     "MLOError", "GraphError", "ConfigError", "NonFiniteError",

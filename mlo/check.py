@@ -3,34 +3,33 @@
 ``hypergradient(graph, name)`` runs the problems before ``name`` as in a real
 step, computes ``name``'s update direction with the configured engines, and
 puts every parameter, optimizer state, buffer and the global random generators
-back (it draws the batches it is not given from the problems' data).
+back (it draws the batches it is not given from the problems' data;
+``draw_batches`` pins them).
 
-``check_hypergradient`` compares it with the *target* of the engines on the way:
+``check_hypergradient`` judges each engine at its limit (``Engine.limit``: a
+finite-difference radius shrunk to the checker's) against a reference computed
+without the engines (``mlo.references``):
 
-* engines that differentiate the steps themselves (``Unrolled``,
-  ``FiniteDifference``): a float64 central difference of the unrolled
-  composition ``θ ↦ objective_P(after the earlier problems step with P = θ)``,
-  with every problem's declared ``constants`` held at their unperturbed values.
-  A ``FiniteDifference`` engine is an approximation whose error depends on its
-  radius, so the verdict is on its limit: it runs with its radius shrunk to the
-  checker's ``eps``; its error at the configured radius is measured too and
-  reported (``CheckReport.configured_error``) — how much the approximation
-  costs, not a bug;
-* implicit engines (``CG``, ``Neumann``), which assume the lower problem is
-  solved: the implicit-function-theorem hypergradient, each implicit edge
-  solved exactly with a dense Hessian (``DenseImplicit``); too large a lower
-  problem raises ``ConfigError`` saying the check cannot be done.
+* no implicit engine on the way: central differences of the unrolled
+  composition ``θ ↦ objective_P(after the earlier problems step with P = θ)``
+  at the largest of three radii where it is smooth along each direction, with
+  everything the objectives declare constant (``Problem.constants``,
+  ``ctx.forward(constants=...)``) and every edge that passes no adjoint
+  (``FirstOrder``) held at its unperturbed value;
+* an implicit engine on the way (``reference()`` is ``DenseImplicit``): the
+  implicit-function-theorem hypergradient with a dense Hessian and mixed
+  Jacobian from ``torch.func``, and the premises reported (the lower problem's
+  stationarity, the solver's residual).
 """
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 
-from . import rng, rows
-from .engines import DenseImplicit, FiniteDifference, Unrolled
+from . import references, rng, rows
+from .engines import DenseImplicit, Unrolled, observe_solves
 from .errors import ConfigError
 from .graph import Graph
 from .problem import SameBatch
@@ -39,15 +38,27 @@ from .step import Stepper
 from .tree import clone
 
 COMPOSITION = "a central difference of the unrolled composition"
-IMPLICIT = "the implicit-function-theorem hypergradient (implicit edges solved with a dense Hessian)"
+IMPLICIT = "the implicit-function-theorem hypergradient (a dense Hessian from torch.func)"
+UNSOLVED, UNCONVERGED = 1e-3, 1e-6      # stationarity ratio / solver residual above which a hint is given
 
 
-def _fixed_batches(graph: Graph, name: str, batches: dict | None) -> dict:
-    """One list of batches per problem up to ``name`` (drawn once if not given)."""
-    out = {}
+class Batches(dict):
+    """``{problem: [the batch of each of its steps]}``, drawn once by ``draw_batches``; pass as ``batches=``."""
+
+
+def draw_batches(graph: Graph, name: str) -> Batches:
+    """Draw the batches the problems up to ``name`` use in one step (the streams advance), to reuse them."""
+    with rng.preserved():
+        return _fixed_batches(graph, name, None)
+
+
+def _fixed_batches(graph: Graph, name: str, batches: dict | None) -> Batches:
+    out = Batches()
     for q in graph.order[: graph.index[name] + 1]:
         p = graph.problems[q]
-        if batches is not None and q in batches:
+        if isinstance(batches, Batches) and q in batches:
+            out[q] = list(batches[q])
+        elif batches is not None and not isinstance(batches, Batches) and q in batches:
             out[q] = [batches[q]] * p.steps
         elif isinstance(p.data, SameBatch):
             out[q] = [out[p.data.source][-1]] * p.steps
@@ -56,27 +67,32 @@ def _fixed_batches(graph: Graph, name: str, batches: dict | None) -> dict:
     return out
 
 
-def hypergradient(graph: Graph, name: str, batches: dict | None = None,
-                  return_adjoints: bool = False) -> dict:
+def hypergradient(graph: Graph, name: str, batches: dict | None = None, return_adjoints: bool = False) -> dict:
     """``{"total", "direct", "hyper"}``: d(objective of ``name``)/d(its parameters).
 
-    Signs are those of the objective itself (for a max problem, the ascent
-    direction). ``batches`` maps problem names to a batch (used for each of that
-    problem's steps); missing ones are drawn from the problems' data once.
-    ``return_adjoints=True`` adds ``"adjoints"``: for every problem Q of the
-    reverse sweep, d(objective of ``name``)/d(Q's solution) — what reached Q.
+    Each is in the structure the problem's ``params`` were declared in (a tensor,
+    a list, or a dict of names — a module's named parameters). Signs are those of
+    the objective itself (for a max problem, the ascent direction). ``batches``
+    maps problem names to a batch (used for each of that problem's steps), or is
+    what ``draw_batches`` returned (then two calls see the same batches); missing
+    ones are drawn from the problems' data. ``return_adjoints=True`` adds
+    ``"adjoints"``: for every problem Q of the reverse sweep, d(objective of
+    ``name``)/d(Q's solution) — what reached Q.
     """
     with rng.preserved():
-        fixed = _fixed_batches(graph, name, batches)
-        out = _hypergradient(graph, name, fixed, return_adjoints)
-    return {k: v for k, v in out.items() if k in ("total", "direct", "hyper", "adjoints")}
+        out = _hypergradient(graph, name, _fixed_batches(graph, name, batches), return_adjoints)
+    res = {k: graph.problems[name].unpack(out[k]) for k in ("total", "direct", "hyper")}
+    if return_adjoints:
+        res["adjoints"] = {q: graph.problems[q].unpack(t) for q, t in out["adjoints"].items()}
+    return res
 
 
-def _hypergradient(graph: Graph, name: str, fixed: dict, adjoints: bool = False, held=None) -> dict:
+def _hypergradient(graph: Graph, name: str, fixed: dict, adjoints: bool = False, held=None,
+                   premises: bool = False) -> dict:
     saved = graph_state_dict(graph)
     try:
         stepper = Stepper(graph, nan_policy="off", batch_fn=lambda p, k: fixed[p.name][k], held=held)
-        with preserve_buffers(graph.modules()):
+        with preserve_buffers(graph.modules()), observe_solves() as solves:
             d = stepper.direction(name, adjoints=adjoints)
         full = lambda q, t: rows.dense(t, graph.problems[q].params_tree)  # noqa: E731  (row-sparse: whole tables)
         direct = full(name, d.direct)
@@ -88,6 +104,8 @@ def _hypergradient(graph: Graph, name: str, fixed: dict, adjoints: bool = False,
             out["adjoints"] = {q: {k: s * v for k, v in full(q, t).items()} for q, t in d.adjoints.items()}
         out["undeclared"] = {q: set(c) for q, c in stepper.undeclared_constants.items()}
         out["constants"] = {q: {c: clone(t) for c, t in cs.items()} for q, cs in stepper.constants_seen.items()}
+        if premises:
+            out["premises"] = _premises(graph, stepper, saved, solves)
         return out
     finally:
         load_graph_state_dict(graph, saved, data=False, rng_state=True)
@@ -103,20 +121,28 @@ class CheckReport:
     tol: float
     reference: str = COMPOSITION               # what ``numeric`` is
     notes: list[str] = field(default_factory=list)   # what may explain a disagreement
-    # finite-difference engines: the relative error at their configured radius (the verdict is at ``eps``)
+    # approximate engines (finite differences): the relative error at their configured setting
     configured_error: float | None = None
+    radius: float | None = None     # the central differences' radius (None: no central difference)
+    smooth: bool = True             # False: non-smooth along a direction at every radius tried
+    premises: list[str] = field(default_factory=list)   # implicit engines: stationarity, solver residuals
+    batches: dict | None = None     # the batches used (pass as ``batches=`` to repeat the check)
 
     @property
     def ok(self) -> bool:
-        return self.rel_error <= self.tol
+        return self.smooth and self.rel_error <= self.tol
 
     def __str__(self) -> str:
-        verdict = "OK" if self.ok else "MISMATCH"
-        lines = [f"{verdict}: relative error {self.rel_error:.3e} (tolerance {self.tol:.1e}) over "
-                 f"{self.engine.numel()} direction(s), against {self.reference}"]
+        if not self.smooth:
+            first = f"cannot check here: non-smooth at radius {self.radius:.0e} (ReLU/max-pool kinks)"
+        else:
+            at = f" at radius {self.radius:.0e}" if self.radius is not None else ""
+            first = (f"{'OK' if self.ok else 'MISMATCH'}: relative error {self.rel_error:.3e} (tolerance "
+                     f"{self.tol:.1e}) over {self.engine.numel()} direction(s), against {self.reference}{at}")
+        lines = [first] + [f"  premise: {p}" for p in self.premises]
         if self.configured_error is not None:
-            lines.append(f"  finite-difference engines checked at the checker's radius; at their configured radius "
-                         f"the relative error is {self.configured_error:.3e} (the approximation, not a bug)")
+            lines.append(f"  approximate engines checked at their limit; at their configured setting the "
+                         f"relative error is {self.configured_error:.3e} (the approximation, not a bug)")
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
 
 
@@ -126,10 +152,11 @@ def check_hypergradient(graph: Graph, name: str, batches: dict | None = None, ep
     """Compare ``hypergradient(graph, name)["total"]`` with the engines' target (module docstring).
 
     Parameters are perturbed along every coordinate when there are at most 64,
-    else along ``directions`` (default 8) random unit vectors. Needs float64
-    parameters: otherwise raises ``ConfigError``, or with
-    ``allow_low_precision=True`` warns (rounding then dominates). Nothing in the
-    graph changes, nor the global random generators.
+    else along ``directions`` (default 8) random unit vectors (``seed``). The
+    central differences use radii ``eps``, ``eps/10``, ``eps/100``; approximate
+    engines run at their ``limit`` of the same radii. Needs float64 parameters:
+    otherwise raises ``ConfigError``, or with ``allow_low_precision=True`` warns.
+    Nothing in the graph changes, nor the global random generators.
     """
     problem = graph.problems[name]
     low = sorted({str(t.dtype) for p in graph.problems.values() for t in p.params_tree.values()
@@ -140,53 +167,89 @@ def check_hypergradient(graph: Graph, name: str, batches: dict | None = None, ep
         if not allow_low_precision:
             raise ConfigError(msg + "; pass allow_low_precision=True to run it anyway")
         warnings.warn("LOW PRECISION: " + msg, stacklevel=2)
-    configured = graph
-    fd = any(isinstance(e, FiniteDifference) and e.eps > eps for e in graph.engines.values())
-    if fd:      # the verdict is on the finite differences' limit: shrink their radius to the checker's step
-        graph = graph.with_engines(
-            lambda e: dataclasses.replace(e, eps=eps) if isinstance(e, FiniteDifference) and e.eps > eps else e)
+    radii = [eps, eps / 10, eps / 100]
+    approximate = any(e.limit(eps) != e for e in graph.engines.values())
     with rng.preserved():
         fixed = _fixed_batches(graph, name, batches)
-        got = _hypergradient(graph, name, fixed)
         keys = list(problem.params_tree)
-        sizes = [problem.params_tree[k].numel() for k in keys]
+        n = sum(problem.params_tree[k].numel() for k in keys)
         ref = problem.params_tree[keys[0]]
-        n = sum(sizes)
         if directions is None and n <= 64:
             dirs = torch.eye(n, dtype=ref.dtype)
         else:
-            gen = torch.Generator().manual_seed(seed)
-            dirs = torch.randn(directions or 8, n, generator=gen, dtype=torch.float64).to(ref.dtype)
+            dirs = torch.randn(directions or 8, n, generator=torch.Generator().manual_seed(seed),
+                               dtype=torch.float64).to(ref.dtype)
             dirs = dirs / dirs.norm(dim=1, keepdim=True)
-        engine = dirs @ torch.cat([got["total"][k].reshape(-1) for k in keys]).to(dirs.device)
+        project = lambda t: dirs @ torch.cat([t[k].reshape(-1) for k in keys]).to(dirs.device)  # noqa: E731
         edges = [(s.problem, r, e) for s in graph.plans[name].sweep for r, e in s.wrt]
-        notes = _notes(graph, name, edges, got["undeclared"])
-        if any(isinstance(e.reference(), DenseImplicit) for _, _, e in edges):
+        implicit = any(isinstance(e.reference(), DenseImplicit) for _, _, e in edges)
+        got, engine, engine_radius = None, None, None
+        for j, r in enumerate(radii if approximate else radii[:1]):   # approximate engines: where they settle
+            out = _hypergradient(graph.with_engines(lambda e: e.limit(r)), name, fixed, premises=implicit)
+            proj = project(out["total"])
+            if engine is not None and _relative(engine, proj) <= tol / 4:
+                break
+            got, engine, engine_radius = out, proj, r
+        notes = _notes(graph, name, edges, got["undeclared"], radii[-1])
+        if approximate and engine_radius == radii[-1]:
+            notes.append(f"the approximate engines still change between radii {radii[1]:.0e} and {radii[2]:.0e}: "
+                         "their own differences are non-smooth there")
+        radius, smooth = None, True
+        if implicit:
             reference = IMPLICIT
-            other = graph.with_engines(lambda e: e.reference())
+            other = graph.with_engines(lambda e: references.FuncImplicit(e.reference().damping,
+                                                                         e.reference().max_params)
+                                       if isinstance(e.reference(), DenseImplicit) else e.reference())
             try:
-                target = _hypergradient(other, name, fixed)["total"]
+                numeric = project(_hypergradient(other, name, fixed)["total"])
             except ConfigError as e:
                 raise ConfigError(f"check_hypergradient cannot check {name!r}: the implicit engines' target "
                                   f"needs a dense Hessian ({e}); check a smaller instance, or use Unrolled") from None
-            numeric = dirs @ torch.cat([target[k].reshape(-1) for k in keys]).to(dirs.device)
         else:
             reference = COMPOSITION
-            numeric = _central_difference(graph, name, fixed, dirs, keys, sizes, eps, got["constants"])
+            cut = {}
+            for (q, r), e in graph.engines.items():
+                if not e.passes_adjoint and graph.index[q] < graph.index[name]:
+                    cut.setdefault(q, set()).add(r)
+            f0, value = references.composition(graph, name, fixed, dirs, radii, got["constants"], cut)
+            choice = references.choose(f0, value, dirs.shape[0], radii, tol, dirs.dtype)
+            numeric, radius, smooth = choice.numeric.to(dirs.device), choice.radius, choice.smooth
         configured_error = None
-        if fd and reference == COMPOSITION:
-            as_set = _hypergradient(configured, name, fixed)["total"]
-            at_radius = dirs @ torch.cat([as_set[k].reshape(-1) for k in keys]).to(dirs.device)
-            configured_error = _relative(at_radius, numeric)
-    return CheckReport(engine.detach(), numeric.detach(), _relative(engine, numeric), tol, reference, notes,
-                       configured_error)
+        if approximate:
+            configured_error = _relative(project(_hypergradient(graph, name, fixed)["total"]), numeric)
+    report = CheckReport(engine.detach(), numeric.detach(), _relative(engine, numeric), tol, reference, notes,
+                         configured_error, radius, smooth, got.get("premises", []), fixed)
+    if not report.ok:
+        report.notes.extend(_dropped(graph))
+    return report
 
 
 def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).norm() / want.norm().clamp_min(1e-30))
 
 
-def _notes(graph: Graph, name: str, edges, undeclared: dict) -> list[str]:
+def _premises(graph: Graph, stepper: Stepper, saved: dict, solves: list) -> list[str]:
+    """The implicit engines' premises: each lower problem's stationarity, each solve's residual (with hints)."""
+    lines, seen = [], set()
+    for q, eng, info in solves:
+        if q not in seen and q in stepper.runs and q not in stepper.runs[q].rows:
+            seen.add(q)
+            with preserve_buffers(graph.modules()):
+                ratio = references.stationarity(stepper.runs[q], saved["problems"][q]["params"])
+            hint = "; inner problem not solved: use Unrolled or more steps" if ratio > UNSOLVED else ""
+            lines.append(f"problem {q!r}: ‖∇L(w')‖ is {ratio:.1e} of its value where its steps started{hint}")
+        kind = type(eng).__name__ if eng is not None else "solver"
+        res = float(info.residual)
+        hint = ""
+        if res > UNCONVERGED:
+            hint = (f"; {kind} not converged: raise iterations" if kind != "CG" else
+                    "; CG not converged: raise iterations (an indefinite Hessian needs damping or MINRES)")
+        lines.append(f"edge {q}: {kind} residual ‖u − Hq‖/‖u‖ = {res:.1e} after {info.iterations} "
+                     f"iteration(s){hint}")
+    return lines
+
+
+def _notes(graph: Graph, name: str, edges, undeclared: dict, smallest: float) -> list[str]:
     """Known reasons why an engine and its reference may differ."""
     notes = []
     for q, used in undeclared.items():
@@ -194,42 +257,29 @@ def _notes(graph: Graph, name: str, edges, undeclared: dict) -> list[str]:
             notes.append(f"problem {q!r} uses the parameters of {name!r} as constants without declaring them "
                          f"(Problem.constants): the central difference moves them, the engines do not")
     for q, r, e in edges:
-        steps = graph.problems[q].steps
+        steps, ref = graph.problems[q].steps, e.reference()
         if isinstance(e, Unrolled) and e.steps < steps:
             notes.append(f"edge {q}->{r}: Unrolled(steps={e.steps}) differentiates only the last {e.steps} of "
                          f"the {steps} steps problem {q!r} takes")
-        elif isinstance(e.reference(), DenseImplicit) and e.reference().damping:
-            notes.append(f"edge {q}->{r}: the reference solves the damped system (H + {e.reference().damping}·I), "
+        elif isinstance(ref, DenseImplicit) and ref.damping:
+            notes.append(f"edge {q}->{r}: the reference solves the damped system (H + {ref.damping}·I), "
                          "as the engine does")
-        elif isinstance(e, FiniteDifference):
-            if steps > 1:
-                notes.append(f"edge {q}->{r}: it differentiates only the last of the {steps} steps problem {q!r} "
-                             "takes")
+        elif isinstance(ref, Unrolled) and ref.steps < steps and e != ref:
+            notes.append(f"edge {q}->{r}: {type(e).__name__} differentiates only the last of the {steps} steps "
+                         f"problem {q!r} takes")
+        if ref != e and not isinstance(ref, DenseImplicit) and e.limit(smallest) == e:
+            notes.append(f"edge {q}->{r}: {type(e).__name__} approximates {ref} but has no limit(); "
+                         "it is judged as configured")
     before = graph.index[name]
     for (q, r), e in graph.engines.items():
         if not e.passes_adjoint and graph.index[q] < before and graph.index[r] <= before:
-            notes.append(f"edge {q}->{r}: {type(e).__name__} drops the path through it; the reference does not")
+            notes.append(f"edge {q}->{r}: {type(e).__name__} drops the path through it; the reference drops it "
+                         f"too (problem {q!r} sees {r!r} at its unperturbed value)")
     return notes
 
 
-def _central_difference(graph: Graph, name: str, fixed: dict, dirs, keys, sizes, eps: float,
-                        held: dict) -> torch.Tensor:
-    """Directional derivatives of the composition; declared constants keep the values of the unperturbed run."""
-    problem = graph.problems[name]
-    saved = graph_state_dict(graph)
-    numeric = torch.empty(dirs.shape[0], dtype=dirs.dtype, device=dirs.device)
-    try:
-        for i, d in enumerate(dirs):
-            vals = []
-            for s in (1.0, -1.0):
-                load_graph_state_dict(graph, saved, data=False, rng_state=True)
-                with torch.no_grad():
-                    for k, part in zip(keys, torch.split(s * eps * d, sizes)):
-                        problem.params_tree[k].add_(part.reshape(problem.params_tree[k].shape))
-                stepper = Stepper(graph, nan_policy="off", batch_fn=lambda p, k: fixed[p.name][k], held=held)
-                with preserve_buffers(graph.modules()):
-                    vals.append(stepper.direction(name).loss.detach())
-            numeric[i] = (vals[0] - vals[1]) / (2 * eps)
-    finally:
-        load_graph_state_dict(graph, saved, data=False, rng_state=True)
-    return numeric
+def _dropped(graph: Graph) -> list[str]:
+    """The graph's own list of paths no engine differentiates (``Graph.dropped_paths``), if it keeps one."""
+    return [f"the engines drop the path {p} (Graph.dropped_paths); the reference does not"
+            for p in getattr(graph, "dropped_paths", None) or ()]
+

@@ -17,6 +17,11 @@ from .rows import RowView
 from .tree import Tree
 
 
+#: set only while ``check_hypergradient`` evaluates the composition (``mlo.references.Holds``): it
+#: substitutes the values of cut edges' reads and of ``forward(constants=...)`` stop-gradients
+HOLD = None
+
+
 class Context:
     """Parameter values of one problem and the problems it reads.
 
@@ -40,7 +45,7 @@ class Context:
         self._graph = graph
         self._shared = shared            # a ``SharedCalls`` while an engine evaluates several points
         self.problem = problem
-        self._values = values
+        self._values = values if HOLD is None else HOLD.values(problem.name, values)
         self._rows = rows                # {name: mlo.rows.Rows} of the row-sparse problems bound here
         self.step = step
         self.real_step = real_step
@@ -73,7 +78,10 @@ class Context:
                 subs[qual] = leaf.detach()
                 ids.append((id(leaf), leaf._version))
             else:
-                subs[qual] = vals[key].detach() if owner in constants else vals[key]
+                if owner in constants:   # a stop-gradient: the checker holds it at its unperturbed value
+                    subs[qual] = vals[key].detach() if HOLD is None else HOLD.constant(vals[key].detach())
+                else:
+                    subs[qual] = vals[key]
                 ids.append((id(vals[key]), vals[key]._version, owner in constants))
         shared = self._shared
         if shared is not None and shared.eligible(args, kwargs, [o for o, _, _ in owners.values()]):

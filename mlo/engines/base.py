@@ -100,6 +100,14 @@ class Engine(abc.ABC):
         """The exact engine this one approximates; ``check_hypergradient`` compares against it."""
         return self
 
+    def limit(self, radius: float) -> "Engine":
+        """This engine moved toward ``reference()`` (a finite-difference radius shrunk to ``radius``).
+
+        ``check_hypergradient`` judges an approximate engine there. A wrapper returns
+        a wrapper of the wrapped engine's ``limit``.
+        """
+        return self
+
 
 def mixed_vjp(site: RunRecord, q: Tree, wrt: list[str], grad_graph) -> dict[str, Tree]:
     """``Mᵀ q = ∂/∂R ⟨∇_w loss(w, R), q⟩`` from a ``grad_with_graph`` result (double backward)."""

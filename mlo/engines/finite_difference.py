@@ -1,6 +1,7 @@
 """DARTS' central-difference approximation of the one-step mixed product."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,9 @@ class FiniteDifference(Engine):
     def reference(self) -> Engine:
         from .unrolled import Unrolled
         return Unrolled(steps=1)
+
+    def limit(self, radius: float) -> Engine:
+        return self if self.eps <= radius else dataclasses.replace(self, eps=radius)
 
     def vjp(self, site: RunRecord, u: Tree, wrt: list[str]) -> dict[str, Tree]:
         rec = site.records[-1]

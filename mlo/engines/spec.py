@@ -20,12 +20,12 @@ from .base import Engine
 from .finite_difference import FiniteDifference
 from .first_order import FirstOrder
 from .identity import FOMAML
-from .implicit import CG, Neumann
+from .implicit import CG, MINRES, DenseImplicit, Neumann
 from .unrolled import Unrolled
 
 ENGINES: dict[str, type[Engine]] = {"first_order": FirstOrder, "unrolled": Unrolled,
                                     "finite_difference": FiniteDifference, "neumann": Neumann, "cg": CG,
-                                    "fomaml": FOMAML}
+                                    "fomaml": FOMAML, "minres": MINRES, "dense_implicit": DenseImplicit}
 
 
 def from_config(spec: str | Mapping[str, Any] | Engine, where: str = "engine") -> Engine:

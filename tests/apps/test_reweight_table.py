@@ -45,8 +45,8 @@ def rel(a, b):
 @pytest.mark.parametrize("engine", [mlo.Unrolled(steps=1), mlo.FiniteDifference()], ids=["unrolled", "fd"])
 def test_table_hypergradient_equals_the_dense_declaration(engine):
     data = data64()
-    hs = mlo.hypergradient(graph(data, True, engine), "weights")["total"][""]
-    hd = mlo.hypergradient(graph(data, False, engine), "weights")["total"][""]
+    hs = mlo.hypergradient(graph(data, True, engine), "weights")["total"]
+    hd = mlo.hypergradient(graph(data, False, engine), "weights")["total"]
     assert hs.dtype == torch.float64 and hs.shape == (len(data.train[1]),)
     assert (hd != 0).sum() == 20 and hd.norm() > 1e-6     # one batch's rows, and not vanishing
     assert rel(hs, hd) <= TOL

@@ -41,7 +41,7 @@ def expected_first_row():
         "inner/wnorm": float(w0.norm()),
         "outer/loss": float(((w1 - 1.0) ** 2).sum()),
         "outer/grad_norm": 0.0,  # F does not depend on θ directly
-        "outer/hypergrad_norm": float(hg["hyper"][""].abs()),
+        "outer/hypergrad_norm": float(hg["hyper"].abs()),
     }
 
 

@@ -48,8 +48,8 @@ def build(engine, K, w0, opt=None, scheduler=None):
 
 def hyper(graph):
     out = mlo.hypergradient(graph, "outer")
-    assert list(out["hyper"]) == ["0"]  # list params are keyed "0", "1", ...
-    return out["hyper"]["0"]
+    assert isinstance(out["hyper"], list) and len(out["hyper"]) == 1  # declared as a list: returned as one
+    return out["hyper"][0]
 
 
 def rel(a, b):

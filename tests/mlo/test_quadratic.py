@@ -80,7 +80,7 @@ class Quad:
         return mlo.hypergradient(self.graph(engine), "x")
 
     def hyper_error(self, engine):
-        out = self.run(engine)["hyper"][""]
+        out = self.run(engine)["hyper"]
         if not hasattr(self, "_hyper"):
             self._hyper = self.hyper()
         ref = self._hyper
@@ -94,7 +94,7 @@ def q100():
 
 def test_total_is_direct_plus_hyper_and_matches_closed_form(q100):
     out = q100.run(mlo.CG(iterations=200, tol=1e-14))
-    d, h, t = out["direct"][""], out["hyper"][""], out["total"][""]
+    d, h, t = out["direct"], out["hyper"], out["total"]
     assert torch.allclose(d, q100.direct(), rtol=1e-10, atol=1e-12)
     assert torch.equal(t, d + h)
     ref = q100.direct() + q100.hyper()
@@ -131,7 +131,7 @@ def test_neumann_error_decreases_and_equals_the_truncated_series(q100):
     alpha = 1.0 / q100.kappa
     errs = []
     for K in (0, 10, 100, 400):
-        out = q100.run(mlo.Neumann(iterations=K, alpha=alpha))["hyper"][""]
+        out = q100.run(mlo.Neumann(iterations=K, alpha=alpha))["hyper"]
         pred = _neumann_prediction(q100, K, alpha)
         assert float((out - pred).norm() / pred.norm()) < 1e-10
         ref = q100.hyper()

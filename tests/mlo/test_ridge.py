@@ -72,7 +72,7 @@ def rel(a, b):
 def hg(graph):
     out = mlo.hypergradient(graph, "outer")
     assert set(out) == {"total", "direct", "hyper"}
-    assert list(out["total"]) == [""]  # a single tensor parameter has key ""
+    assert isinstance(out["total"], torch.Tensor)  # declared as one tensor: returned as one
     return out
 
 
@@ -87,20 +87,20 @@ def test_closed_form_is_a_real_derivative():
 def test_cg_matches_closed_form():
     graph, _, _ = build(mlo.CG(iterations=20))
     out = hg(graph)
-    assert out["direct"][""].abs().item() == 0.0  # F does not depend on θ directly
-    assert rel(out["total"][""], analytic()) < 1e-8
-    assert torch.equal(out["total"][""], out["hyper"][""])
+    assert out["direct"].abs().item() == 0.0  # F does not depend on θ directly
+    assert rel(out["total"], analytic()) < 1e-8
+    assert torch.equal(out["total"], out["hyper"])
 
 
 def test_cg_converges_in_d_iterations_and_not_before():
-    errs = [rel(hg(build(mlo.CG(iterations=k))[0])["total"][""], analytic()) for k in (1, 2, D)]
+    errs = [rel(hg(build(mlo.CG(iterations=k))[0])["total"], analytic()) for k in (1, 2, D)]
     assert errs[0] > 1e-3
     assert errs[2] < 1e-8
 
 
 def test_cg_damping_solves_the_damped_system():
     rho = 0.7
-    out = hg(build(mlo.CG(iterations=20, damping=rho))[0])["total"][""]
+    out = hg(build(mlo.CG(iterations=20, damping=rho))[0])["total"]
     w = w_star()
     u = XV.T @ (XV @ w - YV) / M
     ref = -math.exp(THETA0) * w @ torch.linalg.solve(hessian() + rho * torch.eye(D), u)
@@ -110,7 +110,7 @@ def test_cg_damping_solves_the_damped_system():
 
 def test_cg_tol_stops_early_but_accurately():
     out = hg(build(mlo.CG(iterations=50, tol=1e-12))[0])
-    assert rel(out["total"][""], analytic()) < 1e-8
+    assert rel(out["total"], analytic()) < 1e-8
 
 
 def _neumann_prediction(K, alpha):
@@ -130,17 +130,17 @@ def test_neumann_matches_series_and_converges():
     alpha = 1.0 / lam_max
     errs = []
     for K in (0, 3, 30, 300):
-        out = hg(build(mlo.Neumann(iterations=K, alpha=alpha))[0])["total"][""]
+        out = hg(build(mlo.Neumann(iterations=K, alpha=alpha))[0])["total"]
         assert rel(out, _neumann_prediction(K, alpha)) < 1e-10
         errs.append(rel(out, analytic()))
     assert all(a > b for a, b in zip(errs, errs[1:])), errs
-    big = hg(build(mlo.Neumann(iterations=3000, alpha=alpha))[0])["total"][""]
+    big = hg(build(mlo.Neumann(iterations=3000, alpha=alpha))[0])["total"]
     assert rel(big, analytic()) < 1e-8
 
 
 def test_neumann_alpha_defaults_to_problem_lr():
-    a = hg(build(mlo.Neumann(iterations=40))[0])["total"][""]
-    b = hg(build(mlo.Neumann(iterations=40, alpha=LR))[0])["total"][""]
+    a = hg(build(mlo.Neumann(iterations=40))[0])["total"]
+    b = hg(build(mlo.Neumann(iterations=40, alpha=LR))[0])["total"]
     assert torch.equal(a, b)
     assert rel(a, _neumann_prediction(40, LR)) < 1e-10
 
@@ -163,7 +163,7 @@ def test_unrolled_sgd_equals_hand_unroll():
     w0 = _w0()
     out = hg(build(mlo.Unrolled(), w0=w0)[0])
     ref = hand_one_step(w0, THETA0, lambda w, g: w - LR * g)
-    assert rel(out["total"][""], ref) < 1e-10
+    assert rel(out["total"], ref) < 1e-10
     # not at the optimum this is not the implicit answer: the test can tell them apart
     assert rel(ref, analytic()) > 1e-3
 
@@ -202,7 +202,7 @@ def test_one_step_sgd_momentum_weight_decay_after_real_steps(engine, tol):
         return wl - LR * (mu * buf + (1 - damp) * (g + wd * wl))
 
     ref = hand_one_step(w.detach(), theta.item(), update)
-    assert rel(hg(graph)["total"][""], ref) < tol
+    assert rel(hg(graph)["total"], ref) < tol
     # dropping the (1 - dampening) factor would be a 10% error: the test can tell
     wrong = hand_one_step(w.detach(), theta.item(), lambda wl, g: wl - LR * (mu * buf + g + wd * wl))
     assert rel(wrong, ref) > 0.05
@@ -219,7 +219,7 @@ def test_unrolled_nesterov_after_real_steps():
         b = mu * buf + d
         return wl - LR * (d + mu * b)
 
-    assert rel(hg(graph)["total"][""], hand_one_step(w.detach(), theta.item(), update)) < 1e-10
+    assert rel(hg(graph)["total"], hand_one_step(w.detach(), theta.item(), update)) < 1e-10
 
 
 def _adam_update(state, lr, betas, eps, wd=0.0, decoupled=False):
@@ -255,7 +255,7 @@ def test_one_step_adam_after_real_steps(kind, engine, tol):
     update = _adam_update(state, lr, betas, eps, wd, decoupled=(kind == "adamw"))
     ref = hand_one_step(w.detach(), theta.item(), update)
     # FD linearises the same update; exact up to rounding since ∇_θ g is quadratic in w
-    assert rel(hg(graph)["total"][""], ref) < tol
+    assert rel(hg(graph)["total"], ref) < tol
 
 
 def test_check_hypergradient_after_real_steps_with_momentum():
@@ -276,17 +276,17 @@ def test_unrolled_with_grad_clip_equals_hand_unroll():
         assert n.item() > clip  # the clip is active
         return wl - LR * g * (clip / (n + 1e-6))
 
-    assert rel(out["total"][""], hand_one_step(w0, THETA0, update)) < 1e-10
+    assert rel(out["total"], hand_one_step(w0, THETA0, update)) < 1e-10
 
 
 # ---------------------------------------------------------------- finite difference
 def test_finite_difference_exact_for_quadratic_inner():
     w0 = _w0()
-    fd = hg(build(mlo.FiniteDifference(), w0=w0)[0])["total"][""]
-    ex = hg(build(mlo.Unrolled(), w0=w0)[0])["total"][""]
+    fd = hg(build(mlo.FiniteDifference(), w0=w0)[0])["total"]
+    ex = hg(build(mlo.Unrolled(), w0=w0)[0])["total"]
     assert rel(fd, ex) < 1e-6
     # also with a much larger step: central differences are exact on a quadratic
-    fd_big = hg(build(mlo.FiniteDifference(eps=1.0), w0=w0)[0])["total"][""]
+    fd_big = hg(build(mlo.FiniteDifference(eps=1.0), w0=w0)[0])["total"]
     assert rel(fd_big, ex) < 1e-6
 
 
@@ -296,8 +296,8 @@ def test_hypergradient_restores_state():
     _run_real_steps(graph, 2)
     before = mlo.graph_state_dict(graph)
     rng = torch.get_rng_state()
-    a = hg(graph)["total"][""]
-    b = hg(graph)["total"][""]
+    a = hg(graph)["total"]
+    b = hg(graph)["total"]
     assert torch.equal(a, b)
     after = mlo.graph_state_dict(graph)
     for name in graph.problems:

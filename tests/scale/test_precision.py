@@ -32,6 +32,8 @@ def _one_thread():
 
 
 def _flat(tree):
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().reshape(-1).double()
     return torch.cat([v.detach().reshape(-1).double() for v in tree.values()])
 
 
