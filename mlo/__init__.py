@@ -12,7 +12,7 @@ autocast), ``mlo.rng`` (random-state capture and restore) and ``mlo.rows``
 """
 from . import distributed, precision, rng, rows
 from .checkpoint import CheckpointError, has_checkpoint, load_checkpoint, save_checkpoint
-from .check import CheckReport, check_hypergradient, hypergradient
+from .check import CheckReport, check_hypergradient, draw_batches, hypergradient
 from .context import Context
 from . import solvers
 from .engines import (CG, ENGINES, MINRES, DenseImplicit, Engine, FiniteDifference, FirstOrder, FOMAML, Implicit,
@@ -33,7 +33,7 @@ __all__ = [
     "Engine", "FirstOrder", "FOMAML", "Unrolled", "FiniteDifference", "Neumann", "CG", "MINRES", "Implicit", "DenseImplicit", "ENGINES",
     "solvers",
     "engine_from_config", "engine_to_config",
-    "hypergradient", "check_hypergradient", "CheckReport",
+    "hypergradient", "check_hypergradient", "CheckReport", "draw_batches",
     "MLOError", "GraphError", "ConfigError", "NonFiniteError",
     "JSONLWriter", "CSVWriter", "TensorBoardWriter", "ProgressBar",
     "graph_state_dict", "load_graph_state_dict", "save_checkpoint", "load_checkpoint", "CheckpointError",

@@ -244,7 +244,7 @@ def _premises(graph: Graph, stepper: Stepper, saved: dict, solves: list) -> list
         if res > UNCONVERGED:
             hint = (f"; {kind} not converged: raise iterations" if kind != "CG" else
                     "; CG not converged: raise iterations (an indefinite Hessian needs damping or MINRES)")
-        lines.append(f"edge {q}: {kind} residual ‖u − Hq‖/‖u‖ = {res:.1e} after {info.iterations} "
+        lines.append(f"solve for {q!r}: {kind} residual ‖u − Hq‖/‖u‖ = {res:.1e} after {info.iterations} "
                      f"iteration(s){hint}")
     return lines
 

@@ -45,6 +45,7 @@ class Holds:
         self._const_at = 0
 
     def replay(self) -> None:
+        """Substitute the recorded values from now on, from the first evaluation again (each perturbed run)."""
         self.recording = False
         self._at, self._const_at = {}, 0
 
@@ -100,6 +101,8 @@ def composition(graph, name: str, fixed: dict, dirs: torch.Tensor, radii: list[f
                 for k, part in zip(keys, torch.split(step, sizes)):
                     problem.params_tree[k].add_(part.reshape(problem.params_tree[k].shape))
         stepper = Stepper(graph, nan_policy="off", batch_fn=lambda p, k: fixed[p.name][k], held=held)
+        if step is not None:
+            holds.replay()
         try:
             with holding(holds), preserve_buffers(graph.modules()):
                 return float(stepper.direction(name).loss.detach())
@@ -107,7 +110,6 @@ def composition(graph, name: str, fixed: dict, dirs: torch.Tensor, radii: list[f
             load_graph_state_dict(graph, saved, data=False, rng_state=True)
 
     f0 = run(None)
-    holds.replay()
     memo: dict = {}
 
     def value(j: int, i: int, s: float) -> float:
