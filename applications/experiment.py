@@ -44,21 +44,14 @@ class Experiment:
         self.metrics_path = os.path.join(run.out, "metrics.jsonl")
         self.done: dict[str, dict] = {}
         self._pending: tuple[str, mlo.RunCheckpoint] | None = None
-        if run.resume:
-            if mlo.has_checkpoint(run.checkpoint):
-                ckpt = mlo.read_checkpoint(run.checkpoint, set_aside_damaged=True)
-                if ckpt.fallback_reason is not None:
-                    run.say(f"warning: {run.checkpoint} cannot be read ({ckpt.fallback_reason[:200]}); "
-                            f"using the previous checkpoint {ckpt.path}")
-                self.done = dict(ckpt.extra.get("done", {}))
-                current, step = ckpt.extra.get("arm"), ckpt.step
-                if current not in self.done:
-                    self._pending = (current, ckpt)
-                trim_logs(run.out, lambda r: r.get("arm") in self.done
-                          or (r.get("arm") == current and r.get("step", 0) <= step), names=("metrics.jsonl",))
-            else:
-                run.say(f"{run.out}: no checkpoint yet; starting the run over with its saved config")
-                trim_logs(run.out, lambda r: False, names=("metrics.jsonl",))
+        ckpt = run.resume_checkpoint(logs=("metrics.jsonl",))      # None: a new run, or none written yet
+        if ckpt is not None:
+            self.done = dict(ckpt.extra.get("done", {}))
+            current, step = ckpt.extra.get("arm"), ckpt.step
+            if current not in self.done:
+                self._pending = (current, ckpt)
+            trim_logs(run.out, lambda r: r.get("arm") in self.done
+                      or (r.get("arm") == current and r.get("step", 0) <= step), names=("metrics.jsonl",))
         self._writers = [mlo.JSONLWriter(self.metrics_path)]
         if run.cfg.logging.tensorboard:
             self._writers.append(mlo.TensorBoardWriter(os.path.join(run.out, "tensorboard")))

@@ -52,7 +52,7 @@ from . import launch
 from .config import ConfigError, config_keys, load_config, save_config
 
 __all__ = ["LoggingConfig", "Program", "Run", "Interrupted", "RunFailed", "build_parser", "open_run", "cli_main",
-           "trim_logs", "one_line", "rank", "pick_device", "handle_interrupts", "restore_handlers"]
+           "trim_logs", "one_line", "rank", "pick_device", "handle_interrupts", "restore_handlers", "read_resume"]
 
 CHECKPOINT = "checkpoint.pt"
 #: Files (and folders) every run may write; ``--overwrite`` removes these plus the program's own outputs.
@@ -61,6 +61,8 @@ RUN_FILES = ("config.yaml", CHECKPOINT, CHECKPOINT + ".prev", CHECKPOINT + ".dam
 LOCK = ".run.lock"
 #: Any of these in a folder means it holds a run.
 RUN_MARKERS = ("config.yaml", CHECKPOINT, CHECKPOINT + ".prev", "metrics.jsonl", "result.json")
+#: The log files a run appends to (``trim_logs`` keeps their rows up to the checkpoint on resume).
+LOGS = ("metrics.jsonl", "alphas.jsonl", "metrics.csv")
 
 
 @dataclass
@@ -134,6 +136,17 @@ class Run:
         if self.overwrite:
             remove_run(self.out, self.program.outputs)
         save_config(self.cfg, os.path.join(self.out, "config.yaml"))
+
+    def resume_checkpoint(self, runner: bool = True, logs: tuple[str, ...] = LOGS, main: bool = True):
+        """On ``--resume``, what the run continues from (``None`` otherwise): see :func:`read_resume`.
+
+        Rank 0 takes the folder's lock first, so a run that is still going is refused
+        (:func:`lock_folder`) before any of its files changes."""
+        if not self.resume:
+            return None
+        if main and rank() == 0 and self._lock is None:
+            self._lock = lock_folder(self.out)
+        return read_resume(self.out, runner=runner, logs=logs, main=main, say=self.say)
 
     def release(self) -> None:
         """Give up the folder's lock and remove the lock file (the run is over; :func:`cli_main` calls this)."""
@@ -344,11 +357,43 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+# --------------------------------------------------------------------------- resume
+
+def read_resume(folder: str, runner: bool = True, logs: tuple[str, ...] = LOGS, main: bool = True,
+                say: Callable[[str], None] | None = None):
+    """The checkpoint a resumed run in ``folder`` continues from — every program's one rule.
+
+    ``folder/checkpoint.pt``, or its backup ``.prev`` when the newest file is damaged (a
+    warning line says why; with ``main`` the damaged file is set aside so the next save
+    does not rotate it into the backup). ``None`` when the run stopped before its first
+    checkpoint: it then starts over with its saved config, and ``main`` clears its
+    ``logs``. ``runner=True`` reads an ``mlo.Runner`` checkpoint (:class:`mlo.RunCheckpoint`),
+    ``False`` a program's own dict. An unreadable checkpoint and backup raise
+    ``mlo.CheckpointError`` (one line, exit code 2 in :func:`cli_main`).
+    """
+    say = say or (lambda text: print(text, file=sys.stderr, flush=True))
+    path = os.path.join(folder, CHECKPOINT)
+    if not mlo.has_checkpoint(path):
+        say(f"{folder}: no checkpoint yet; starting the run from the beginning with its saved config")
+        if main:
+            trim_logs(folder, lambda row: False, logs)
+        return None
+    if runner:
+        ckpt = mlo.read_checkpoint(path, set_aside_damaged=main)
+        used, reason = ckpt.path, ckpt.fallback_reason
+    else:
+        ckpt, used, reason = mlo.checkpoint.load_with_fallback(path)
+        if reason is not None and main and os.path.exists(path):
+            os.replace(path, path + ".damaged")
+    if reason is not None:
+        say(f"warning: {path} cannot be read ({reason[:200]}); using the previous checkpoint {used}")
+    return ckpt
+
+
 # --------------------------------------------------------------------------- logs on resume
 
 
-def trim_logs(folder: str, keep: Callable[[dict], bool],
-              names: tuple[str, ...] = ("metrics.jsonl", "alphas.jsonl", "metrics.csv")) -> None:
+def trim_logs(folder: str, keep: Callable[[dict], bool], names: tuple[str, ...] = LOGS) -> None:
     """Keep only the log rows for which ``keep(row)`` holds (rows written after the checkpoint are redone).
 
     JSONL rows are dicts; CSV rows become dicts of their header (numbers parsed).

@@ -76,8 +76,10 @@ def run_search(run: Run, env: mlo.distributed.Env | None = None) -> dict:
     setup = prepare(cfg, env)
     plan = space.plan(cfg)
     offsets = np.cumsum([0] + [e * setup.steps_per_epoch for e, _ in plan]).tolist()
-    ckpt = _read_checkpoint(run, env, offsets) if run.resume else None
+    ckpt = run.resume_checkpoint(main=env.is_main)      # None: a new run (or none written yet)
     state = SearchState(**ckpt.extra["search"]) if ckpt is not None else SearchState()
+    if ckpt is not None:
+        _resume_message(run, env, ckpt, state, plan, offsets, setup.steps_per_epoch)
     finished = state.stage >= len(plan)           # resumed after the last stage had completed
     explainer = build_explainer(cfg, space, setup, min(state.stage, len(plan) - 1), state.carry, env.device)
     preflight(cfg, setup.data, explainer, setup.audience)
@@ -163,28 +165,31 @@ def _runner(cfg, run: Run, env, graph, explainer, state, space, steps_per_epoch:
     return mlo.distributed.DistributedRunner(graph, dp, **kw)
 
 
-def _read_checkpoint(run: Run, env, offsets: list[int]) -> mlo.RunCheckpoint | None:
-    """The checkpoint to resume from (the backup, with a warning, when the newest is damaged), or ``None``
-    when the run stopped before its first checkpoint (it then starts over with its saved config)."""
-    if not mlo.has_checkpoint(run.checkpoint):
-        run.say(f"{run.out}: no checkpoint yet; starting the run from the beginning with its saved config")
-        if env.is_main:
-            trim_logs(run.out, lambda row: False)
-        return None
-    ckpt = mlo.read_checkpoint(run.checkpoint, set_aside_damaged=env.is_main)
-    search, stages = ckpt.extra.get("search", {}), len(offsets) - 1
-    stage = search.get("stage", 0)
-    at = offsets[stage] + ckpt.step if stage < stages else offsets[-1]
-    if ckpt.fallback_reason is not None:
-        run.say(f"warning: {run.checkpoint} cannot be read ({ckpt.fallback_reason[:200]}); "
-                f"using the previous checkpoint {ckpt.path}")
-    run.say(f"resuming from step {at} (stage {min(stage + 1, stages)}/{stages}) "
-            f"after {search.get('seconds', 0.0):.0f}s of search")
+def _resume_message(run: Run, env, ckpt: mlo.RunCheckpoint, state: SearchState, plan, offsets: list[int],
+                    steps_per_epoch: int) -> None:
+    """Say where a resumed search continues. A finished one-stage search whose ``epochs`` (or steps per
+    epoch) were raised on resume is reopened (``state.stage`` set back), so it runs on to the new total."""
+    stages, search = len(plan), ckpt.extra.get("search", {})
+    last = min(state.stage, stages - 1)
+    at = offsets[last] + ckpt.step
+    after = f"after {search.get('seconds', 0.0):.0f}s of search"
+    if state.stage >= stages:
+        total = plan[-1][0] * steps_per_epoch
+        if stages == 1 and ckpt.step < total:
+            state.stage = stages - 1
+            run.say(f"resuming a finished search at step {at} and continuing to step {offsets[-1]} "
+                    f"(the learning-rate schedules keep the length they were built with and run past their end) {after}")
+        else:
+            more = "--set epochs=N with N above the epochs it ran" if stages == 1 else \
+                "a finished multi-stage search cannot be extended; start a new one"
+            run.say(f"the search finished at step {at} ({after}): nothing left to run; its results are written "
+                    f"again. To search longer: {more}")
+    else:
+        run.say(f"resuming from step {at} (stage {state.stage + 1}/{stages}) {after}")
     was = ckpt.extra.get("world_size", 1)
     if was != env.world_size:
         run.say(f"warning: this run was checkpointed with {was} process(es) and resumes with {env.world_size}: "
                 "the global batch changes and the current epoch's data order differs from an uninterrupted run")
-    return ckpt
 
 
 def _non_finite_message(e: mlo.NonFiniteError, run: Run, offset: int, runner, env) -> str:

@@ -29,8 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from applications.common import ConfigError, load_checkpoint, save_checkpoint, save_config, tune_cpu
-from applications.common.run_folder import Interrupted, LoggingConfig, Program, Run, cli_main, trim_logs
+from applications.common import ConfigError, save_checkpoint, save_config, tune_cpu
+from applications.common.run_folder import Interrupted, LoggingConfig, Program, Run, cli_main, read_resume, trim_logs
 
 from . import config as search_config
 from .data import DatasetFormatError, load_dataset
@@ -236,11 +236,12 @@ def train(cfg: TrainConfig, out_dir: str, device: torch.device, resume: bool = F
           genotype: Genotype | None = None) -> dict:
     """Train the evaluation network of ``cfg.model.genotype``; returns the final result dict.
 
-    With ``resume=True`` it continues from ``out_dir/checkpoint.pt``.
+    With ``resume=True`` it continues from ``out_dir/checkpoint.pt`` (the rule every program
+    follows: :func:`applications.common.run_folder.read_resume`; no checkpoint yet: it starts over).
     """
     os.makedirs(out_dir, exist_ok=True)
     ckpt_path = os.path.join(out_dir, CHECKPOINT)
-    state = load_checkpoint(ckpt_path) if resume else None
+    state = read_resume(out_dir, runner=False, logs=("metrics.jsonl",)) if resume else None
     if state is not None:
         genotype = genotype_from_json(state["genotype"])
     elif genotype is None:
@@ -413,8 +414,7 @@ def _train(run: Run) -> dict:
     run.start()
     tune_cpu()
     try:
-        return train(run.cfg, run.out, run.device, resume=run.resume and os.path.exists(run.checkpoint),
-                     genotype=genotype)
+        return train(run.cfg, run.out, run.device, resume=run.resume, genotype=genotype)
     except DatasetFormatError as e:
         raise ConfigError(f"data.root: {e}") from None
 

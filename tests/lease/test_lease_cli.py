@@ -80,13 +80,24 @@ def test_search_writes_every_artifact_and_resume_equals_uninterrupted(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_may_change_a_setting_and_saves_it(tmp_path):
-    """``--set`` on resume is written back to config.yaml (the folder says what ran)."""
+def test_resume_may_change_a_setting_and_saves_it_and_more_epochs_extend_a_finished_search(tmp_path):
+    """``--set`` on resume is written back to config.yaml (the folder says what ran). A finished search resumed
+    with more epochs runs on to the new total; resumed without, it says it is finished and how to extend it."""
     out = str(tmp_path / "run")
     _run([*search_args(epochs=1, max_steps_per_epoch=2), "--out", out])
-    r = _run(["--resume", out, "--set", "nan_policy=skip", "--no-progress"])
-    assert "resuming from step" in r.stderr
-    assert "nan_policy: skip" in open(os.path.join(out, "config.yaml")).read()
+    r = _run(["--resume", out, "--set", "nan_policy=skip", "--set", "epochs=2", "--no-progress"])
+    assert "resuming a finished search at step 2 and continuing to step 4" in r.stderr, r.stderr[-3000:]
+    config = open(os.path.join(out, "config.yaml")).read()
+    assert "nan_policy: skip" in config and "epochs: 2" in config
+    assert [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))] == [1, 2, 3, 4]
+    assert _params(out)[0] == 4
+    assert len(open(os.path.join(out, "alphas.jsonl")).readlines()) == 4
+    result = open(os.path.join(out, "result.json")).read()
+    again = _run(["--resume", out, "--no-progress"])
+    assert "the search finished at step 4" in again.stderr and "--set epochs=N" in again.stderr, again.stderr[-3000:]
+    assert "resuming" not in again.stderr
+    assert _params(out)[0] == 4 and len(open(os.path.join(out, "metrics.jsonl")).readlines()) == 4
+    assert json.loads(open(os.path.join(out, "result.json")).read())["genotype"] == json.loads(result)["genotype"]
 
 
 def test_unknown_config_key_fails_before_any_work(tmp_path):
