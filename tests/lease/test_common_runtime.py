@@ -98,3 +98,29 @@ def test_overwrite_removes_only_run_files(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
     assert not holds_run(str(tmp_path))
 
+
+
+def test_read_resume_is_every_programs_rule(tmp_path):
+    """No checkpoint yet: None and the logs cleared; a damaged newest file: the backup, one warning line,
+    the damaged file set aside; both formats (a program's own dict, a Runner checkpoint)."""
+    import json
+
+    from applications.common.run_folder import read_resume
+
+    said = []
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1}) + "\n")
+    assert read_resume(str(tmp_path), runner=False, say=said.append) is None
+    assert (tmp_path / "metrics.jsonl").read_text() == "" and "no checkpoint yet" in said[-1]
+
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint({"epoch": 1}, path)
+    save_checkpoint({"epoch": 2}, path)
+    assert read_resume(str(tmp_path), runner=False, say=said.append) == {"epoch": 2}
+    path.write_bytes(b"damaged")
+    said.clear()
+    assert read_resume(str(tmp_path), runner=False, say=said.append) == {"epoch": 1}
+    assert len(said) == 1 and "cannot be read" in said[0] and "previous checkpoint" in said[0]
+    assert (tmp_path / "checkpoint.pt.damaged").read_bytes() == b"damaged" and not path.exists()
+
+    with pytest.raises(CheckpointError, match="not a checkpoint written by mlo.Runner"):
+        read_resume(str(tmp_path), runner=True, say=said.append)     # a program's dict is not a Runner's
