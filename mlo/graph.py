@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import copy
 import difflib
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
 from torch import nn
 
-from . import rows
+from . import nested, rows
 from .engines import DenseImplicit, Engine, Unrolled
 from .errors import GraphError
 from .problem import Problem, SameBatch
@@ -28,6 +29,9 @@ class SweepStep:
 
     problem: str
     wrt: tuple[tuple[str, Engine], ...]     # (read name, engine) pairs
+    # the problem's update includes a hypergradient that the exact engines here differentiate too
+    # (``mlo.nested``); ``wrt`` then also names the inputs of that hypergradient it does not read
+    nested: bool = False
 
 
 @dataclass(frozen=True)
@@ -80,18 +84,44 @@ class Graph:
         self._validate()
         self.index = {n: i for i, n in enumerate(self.order)}
         self.engines = {(q, r): self._engine(q, r) for q in self.order for r in self.problems[q].reads}
+        # serves what a problem's hypergradient depends on beyond its reads (mlo.nested)
+        self.default_engines = {q: self._engine(q, None) for q in self.order}
         self._owners: dict[int, dict] = {}
         self._derive()
 
     def _derive(self) -> None:
-        """Plans, and what they imply, from ``self.engines``."""
-        self.plans = {p: self._plan(p) for p in self.order}
+        """Plans, and what they imply, from ``self.engines``.
+
+        In order, because a problem's plan uses what the hypergradients of the problems
+        before it depend on: ``nested_inputs[Q]`` for each Q whose update includes a
+        hypergradient, ``nested_inexact[Q]`` why that one cannot be differentiated (if so).
+        ``dropped_paths`` lists every path along which a hypergradient is therefore not exact.
+        """
+        self.plans, self.nested_inputs, self.nested_inexact = {}, {}, {}
+        self.dropped_paths: list[nested.DroppedPath] = []
+        for p in self.order:
+            self.plans[p], dropped = self._plan(p)
+            self.dropped_paths += dropped
+            if self.plans[p].sweep:
+                self.nested_inputs[p] = nested.inputs(self, p)
+                why = nested.inexact(self, p)
+                if why:
+                    self.nested_inexact[p] = why
         # problems whose solution some sweep differentiates: their runs are recorded for the engines
         self.differentiated = {s.problem for plan in self.plans.values() for s in plan.sweep}
-        self.records_needed = {q: max([getattr(e, "needs_records", 0) for (qq, _), e in self.engines.items()
-                                       if qq == q] or [0]) for q in self.differentiated}
+        needs = {q: [getattr(e, "needs_records", 0) for (qq, _), e in self.engines.items() if qq == q]
+                 for q in self.differentiated}
+        for plan in self.plans.values():
+            for s in plan.sweep:
+                needs[s.problem] += [getattr(e, "needs_records", 0) for _, e in s.wrt]
+        self.records_needed = {q: max(n or [0]) for q, n in needs.items()}
         self.validate_engines()
         rows.validate_engines(self)
+        if self.dropped_paths:
+            warnings.warn(f"mlo.Graph: {len(self.dropped_paths)} hypergradient path(s) not differentiated "
+                          "exactly (an update that includes a hypergradient, differentiated by an approximate "
+                          f"engine): {'; '.join(map(str, self.dropped_paths))}. Use Unrolled engines there "
+                          "for the exact value; the list is graph.dropped_paths", stacklevel=3)
 
     # ------------------------------------------------------------- validation
     def _unknown(self, name: str, where: str) -> GraphError:
@@ -155,13 +185,14 @@ class Graph:
                 raise GraphError(f"problem {p.name!r} init_from={src.name!r}: parameter {k!r} is "
                                  f"{tuple(t.shape)} {t.dtype} here, {tuple(o.shape)} {o.dtype} in {src.name!r}")
 
-    def _engine(self, q: str, r: str) -> Engine:
+    def _engine(self, q: str, r: str | None) -> Engine:
         p = self.problems[q]
-        eng = p.edge_engines.get(r, p.engine)
+        eng = p.edge_engines.get(r, p.engine) if r is not None else p.engine
         if eng is None:
             eng = Unrolled()
         if not isinstance(eng, Engine):
-            raise GraphError(f"problem {q!r}: engine for edge {q}->{r} must be an engine config such as "
+            edge = f"edge {q}->{r}" if r is not None else "its edges"
+            raise GraphError(f"problem {q!r}: engine for {edge} must be an engine config such as "
                              f"Unrolled() or CG(iterations=10), got {type(eng).__name__}")
         return eng
 
@@ -170,25 +201,54 @@ class Graph:
         """Whether an adjoint at ``q``'s solution flows on to its read ``r`` (the engine's say)."""
         return bool(self.engines[(q, r)].passes_adjoint)
 
-    def _plan(self, p: str) -> Plan:
+    def _plan(self, p: str) -> tuple[Plan, list[nested.DroppedPath]]:
+        """P's plan, and the paths it drops (``nested``).
+
+        Q depends on P when Q reads P's value or the solution of a problem that depends
+        on P (a read earlier than Q), or, when Q's update includes a hypergradient that
+        exact engines differentiate, when that hypergradient has such an input. ``full``
+        is the same as if every hypergradient were differentiated, to name dropped paths.
+        """
         ip = self.index[p]
         dep: set[str] = set()
+        full: set[str] = set()
+        wrts: dict[str, tuple] = {}
+        edges: dict[str, set[str]] = {}     # for ``full``: b -> the problems b's update depends on
+        links = []                          # (y, q, via, reason): q's hypergradient's dependence on y dropped
         for q in self.order[:ip]:
             iq = self.index[q]
-            for r in self.problems[q].reads:
-                if not self._passes(q, r):
-                    continue
-                if r == p or (r in dep and self.index[r] < iq):
-                    dep.add(q)
-                    break
-        sweep = []
-        for q in reversed(self.order[:ip]):
-            if q not in dep:
-                continue
-            iq = self.index[q]
-            wrt = tuple((r, self.engines[(q, r)]) for r in self.problems[q].reads
-                        if self._passes(q, r) and (r == p or (r in dep and self.index[r] < iq)))
-            sweep.append(SweepStep(q, wrt))
+            flows = lambda r, d: r == p or (r in d and self.index[r] < iq)   # noqa: E731
+            reads = [r for r in self.problems[q].reads if self._passes(q, r)]
+            wrt = [(r, self.engines[(q, r)]) for r in reads if flows(r, dep)]
+            edges[q] = {r for r in reads if flows(r, full)}
+            inputs = self.nested_inputs.get(q)
+            if inputs is not None:          # q's update includes a hypergradient
+                why = self.nested_inexact.get(q)
+                for r in edges[q]:
+                    eng = self.engines[(q, r)]
+                    if why or not eng.exact_nested:
+                        links.append((r, q, (), why or f"{type(eng).__name__} on edge {q}->{r} differentiates "
+                                      f"only the gradient of {q!r}, not its hypergradient"))
+                eng = self.default_engines[q]
+                ok = not why and eng.exact_nested and eng.passes_adjoint
+                for y, inp in inputs.items():
+                    if y in self.problems[q].reads or not flows(y, full):
+                        continue
+                    edges[q].add(y)
+                    if ok and flows(y, dep):
+                        wrt.append((y, eng))
+                    elif not ok:
+                        links.append((y, q, inp.via, why or f"{type(eng).__name__}, the engine of {q!r}, "
+                                      "differentiates only its gradient, not its hypergradient"))
+            if edges[q]:
+                full.add(q)
+            else:
+                del edges[q]
+            if wrt:
+                dep.add(q)
+                wrts[q] = tuple(wrt)
+        sweep = [SweepStep(q, wrts[q], q in self.nested_inputs and q not in self.nested_inexact)
+                 for q in reversed(self.order[:ip]) if q in dep]
         upstream = tuple(r for r in self.problems[p].reads if r in dep)
         # prune problems whose solution no adjoint can reach
         reach = set(upstream)
@@ -197,7 +257,8 @@ class Graph:
             if s.problem in reach:
                 kept.append(s)
                 reach.update(r for r, _ in s.wrt if r != p)
-        return Plan(upstream, tuple(kept))
+        ends = {r for r in self.problems[p].reads if r in full}
+        return Plan(upstream, tuple(kept)), nested.paths(p, edges, links, ends) if links else []
 
     def validate_engines(self) -> None:
         for (q, r), eng in self.engines.items():
@@ -208,11 +269,18 @@ class Graph:
                                      f"a start value reset from {r!r} (init_from); use Unrolled (exact), "
                                      "FOMAML (identity), an implicit engine (CG, Neumann: the start does not "
                                      "matter) or FirstOrder")
+        for plan in self.plans.values():    # engines serving a hypergradient's inputs (mlo.nested)
+            for s in plan.sweep:
+                for r, eng in s.wrt:
+                    if r not in self.problems[s.problem].reads:
+                        eng.validate_for(self.problems[s.problem], f"problem {s.problem!r} (its hypergradient's "
+                                         f"dependence on {r!r})")
 
     def with_engines(self, replace) -> "Graph":
         """A copy of this graph (same problems) with every edge engine ``e`` replaced by ``replace(e)``."""
         other = copy.copy(self)
         other.engines = {edge: replace(e) for edge, e in self.engines.items()}
+        other.default_engines = {q: replace(e) for q, e in self.default_engines.items()}
         other._derive()
         return other
 
@@ -247,4 +315,5 @@ class Graph:
                 eng = f" via {type(self.engines[(n, r)]).__name__}" if n in self.differentiated else ""
                 parts.append(f"{r} ({kind}){eng}")
             lines.append(f"  {n} ({p.mode}) reads: {', '.join(parts) or '-'}")
+        lines += [f"  not exact for {d.problem}: {d}" for d in self.dropped_paths]
         return "\n".join(lines)

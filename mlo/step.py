@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from . import rng, rows as rowsmod, updates
+from . import nested, rng, rows as rowsmod, updates
 from .context import Context
 from .direction import Direction
 from .engines.base import RunRecord, StepRecord
@@ -255,7 +255,8 @@ class Stepper:
                     groups.setdefault(eng, []).append(r)
                 for eng, reads in groups.items():
                     self.vjp_calls[f"{s.problem}->{','.join(reads)}"] += 1
-                    out = eng.vjp(run, u, reads)
+                    site = nested.site(self.graph, self.runs, s.problem) if s.nested and eng.exact_nested else run
+                    out = eng.vjp(site, u, reads)
                     for r, contrib in out.items():
                         if r in run.rows:
                             contrib = rowsmod.RowTree(contrib, run.rows[r])

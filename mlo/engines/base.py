@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import updates
-from ..tree import Tree
+from ..tree import Tree, grads
 
 
 @dataclass
@@ -61,17 +61,35 @@ class RunRecord:
     # run's first step (taken from that value) rather than a later one
     init_from: str | None = None
     from_start: bool = False
+    # set by ``mlo.nested`` for a problem whose update includes a hypergradient that an exact engine
+    # differentiates: ``direction(w, reads, record)`` is that update direction, with its graph
+    direction: Callable[..., Tree] | None = None
+    # True inside such a direction: ``reads``/``solution`` carry the graph of the enclosing computation,
+    # and an engine's result must keep its own (``create_graph``) so that it can be differentiated too
+    differentiable: bool = False
 
     @property
     def last(self) -> StepRecord:
         return self.records[-1]
 
     def bind(self, wrt: list[str]) -> dict[str, Tree]:
-        """Read values with fresh grad-requiring leaves for the reads in ``wrt``."""
+        """Read values with fresh grad-requiring leaves for the reads in ``wrt``
+        (in a ``differentiable`` record: the values themselves, leaves only where they carry no graph)."""
         out = {}
         for r, tree in self.reads.items():
-            out[r] = {k: v.detach().requires_grad_(r in wrt) for k, v in tree.items()}
+            if self.differentiable:
+                out[r] = {k: v if v.requires_grad or r not in wrt else v.detach().requires_grad_(True)
+                          for k, v in tree.items()}
+            else:
+                out[r] = {k: v.detach().requires_grad_(r in wrt) for k, v in tree.items()}
         return out
+
+    def gradient(self, w: Tree, reads: dict[str, Tree], record: StepRecord) -> Tree:
+        """The update direction the problem's step used at ``w``, with its graph: the gradient
+        of its signed loss, plus its hypergradient when ``direction`` is set."""
+        if self.direction is not None:
+            return self.direction(w, reads, record)
+        return grads(self.loss(w, reads, record), w, create_graph=True)
 
 
 class Engine(abc.ABC):
@@ -88,6 +106,10 @@ class Engine(abc.ABC):
     passes_adjoint: bool = True
     #: whether the problem's real (last) step must keep its gradient's graph for this engine
     keeps_step_graph: bool = False
+    #: whether the VJP stays exact when the problem's update includes a hypergradient: it differentiates
+    #: ``RunRecord.gradient`` (hypergradient included) and, in a ``differentiable`` record, keeps the
+    #: graph of its result (``mlo.nested``). False: that term is dropped, and ``Graph`` names the paths
+    exact_nested: bool = False
 
     @abc.abstractmethod
     def vjp(self, site: RunRecord, u: Tree, wrt: list[str]) -> dict[str, Tree]:
@@ -116,7 +138,7 @@ def mixed_vjp(site: RunRecord, q: Tree, wrt: list[str], grad_graph) -> dict[str,
     keys = list(gw)
     flat = torch.autograd.grad([gw[k] for k in keys], list(targets.values()),
                                grad_outputs=[q[k] for k in keys], allow_unused=True,
-                               materialize_grads=True, retain_graph=True)
+                               materialize_grads=True, retain_graph=True, create_graph=grad_graph.create_graph)
     out: dict[str, Tree] = {r: {} for r in wrt}
     for name, g in zip(targets, flat):
         r, k = name.split("\0", 1)
@@ -125,31 +147,33 @@ def mixed_vjp(site: RunRecord, q: Tree, wrt: list[str], grad_graph) -> dict[str,
 
 
 def grad_with_graph(site: RunRecord, point: Tree, record: StepRecord, wrt: list[str]):
-    """``∇_w loss`` at ``point`` with a graph kept for further differentiation."""
-    w = {k: v.detach().requires_grad_(True) for k, v in point.items()}
+    """``∇_w loss`` at ``point`` with a graph kept for further differentiation (``site.gradient``:
+    the whole update direction when it includes a hypergradient; in a ``differentiable`` record,
+    ``point`` and the reads keep their graph and so do the products taken from this one)."""
+    keep = site.differentiable
+    w = {k: v if keep and v.requires_grad else v.detach().requires_grad_(True) for k, v in point.items()}
     reads = site.bind(wrt)
-    loss = site.loss(w, reads, record)
-    keys = list(w)
-    gs = torch.autograd.grad(loss, [w[k] for k in keys], create_graph=True,
-                             allow_unused=True, materialize_grads=True)
-    return _GradGraph(dict(zip(keys, gs)), reads, w)
+    return _GradGraph(site.gradient(w, reads, record), reads, w, keep)
 
 
 class _GradGraph(tuple):
     """(∇_w loss, read leaves) plus the parameter leaves, for HVPs."""
 
-    def __new__(cls, gw, reads, w):
+    def __new__(cls, gw, reads, w, create_graph: bool = False):
         obj = super().__new__(cls, (gw, reads))
         obj.w = w
+        obj.create_graph = create_graph
         return obj
 
 
 def hvp(graph: "_GradGraph", v: Tree) -> Tree:
-    """Hessian-vector product ``H v`` reusing one gradient graph."""
+    """Hessian-vector product ``H v`` reusing one gradient graph (``Jᵀv`` for the Jacobian ``J`` of a
+    whole update direction, which need not be symmetric)."""
     gw, w = graph[0], graph.w
     keys = list(gw)
     hv = torch.autograd.grad([gw[k] for k in keys], [w[k] for k in keys], grad_outputs=[v[k] for k in keys],
-                             retain_graph=True, allow_unused=True, materialize_grads=True)
+                             retain_graph=True, allow_unused=True, materialize_grads=True,
+                             create_graph=graph.create_graph)
     return dict(zip(keys, hv))
 
 

@@ -7,7 +7,7 @@ import torch
 
 from .. import updates
 from ..errors import ConfigError, GraphError
-from ..tree import Tree, grads
+from ..tree import Tree
 from .base import Engine, RunRecord, check_int
 
 
@@ -35,6 +35,8 @@ class Unrolled(Engine):
     #: ``Problem.init_from``: the start value is bound to the source's value, so the reverse pass goes
     #: through it too, when the K steps reach back to the reset (K = the problem's steps); else truncated
     init_path = "exact"
+    #: a problem's update that includes a hypergradient is differentiated whole (``mlo.nested``)
+    exact_nested = True
 
     def __post_init__(self):
         check_int("Unrolled", "steps", self.steps, 1)
@@ -65,7 +67,8 @@ class Unrolled(Engine):
         start = site.init_from if (site.init_from in wrt and site.from_start
                                    and len(site.records) == self.steps) else None
         kept = site.last.graph
-        if self.reuse_step_graph and kept is not None and start is None and all(r in kept[1] for r in wrt):
+        if self.reuse_step_graph and kept is not None and start is None and site.direction is None \
+                and not site.differentiable and all(r in kept[1] for r in wrt):
             return _through_step_graph(site.last, kept, u, wrt)
         records = site.records[-self.steps:]
         reads = site.bind(wrt)
@@ -78,12 +81,11 @@ class Unrolled(Engine):
             state = updates.Snapshot(state.kind, rec.snapshot.hyper, state.state, state.clip)
             if not any(v.requires_grad for v in w.values()):
                 w = {k: v.requires_grad_(True) for k, v in w.items()}
-            g = grads(site.loss(w, reads, rec), w, create_graph=True)
-            w, state = updates.apply(state, w, g)
+            w, state = updates.apply(state, w, site.gradient(w, reads, rec))
         targets = [v for r in wrt for v in reads[r].values()]
         keys = list(w)
         flat = torch.autograd.grad([w[k] for k in keys], targets, grad_outputs=[u[k] for k in keys],
-                                   allow_unused=True, materialize_grads=True)
+                                   allow_unused=True, materialize_grads=True, create_graph=site.differentiable)
         out, i = {}, 0
         for r in wrt:
             out[r] = {}
