@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import references, rng, rows
-from .engines import DenseImplicit, Unrolled, observe_solves
+from .engines import DenseImplicit, FirstOrder, Unrolled, observe_solves
 from .errors import ConfigError
 from .graph import Graph
 from .problem import SameBatch
@@ -211,7 +211,10 @@ def check_hypergradient(graph: Graph, name: str, batches: dict | None = None, ep
             for (q, r), e in graph.engines.items():
                 if not e.passes_adjoint and graph.index[q] < graph.index[name]:
                     cut.setdefault(q, set()).add(r)
-            f0, value = references.composition(graph, name, fixed, dirs, radii, got["constants"], cut)
+            values_graph = graph    # no sweep before P: P's own sweep does not change its objective's value
+            if not any(graph.plans[q].sweep for q in graph.order[: graph.index[name]]):
+                values_graph = graph.with_engines(lambda e: FirstOrder())
+            f0, value = references.composition(values_graph, name, fixed, dirs, radii, got["constants"], cut)
             choice = references.choose(f0, value, dirs.shape[0], radii, tol, dirs.dtype)
             numeric, radius, smooth = choice.numeric.to(dirs.device), choice.radius, choice.smooth
         configured_error = None
@@ -267,7 +270,7 @@ def _notes(graph: Graph, name: str, edges, undeclared: dict, smallest: float) ->
         elif isinstance(ref, Unrolled) and ref.steps < steps and e != ref:
             notes.append(f"edge {q}->{r}: {type(e).__name__} differentiates only the last of the {steps} steps "
                          f"problem {q!r} takes")
-        if ref != e and not isinstance(ref, DenseImplicit) and e.limit(smallest) == e:
+        if type(ref) is not type(e) and not isinstance(ref, DenseImplicit) and e.limit(smallest) == e:
             notes.append(f"edge {q}->{r}: {type(e).__name__} approximates {ref} but has no limit(); "
                          "it is judged as configured")
     before = graph.index[name]

@@ -127,37 +127,43 @@ class Choice:
 
 
 def choose(f0: float, value, n_dirs: int, radii: list[float], tol: float, dtype) -> Choice:
-    """Per direction, the largest radius at which the composition is smooth along it.
+    """Per direction, the largest pair of radii ``h, h/10`` between which the composition is smooth along it.
 
     At radius h the central difference ``c(h)`` and the slope gap
-    ``g(h) = [f(h) − 2f(0) + f(−h)] / h`` are computed. Smooth means
-    ``c(h) − c(h/10) = O(h²)`` and ``g(h/10) = g(h)/10``; a kink (ReLU, max-pool)
-    at distance ``t < h`` adds about ``jump·(1 − t/h)`` to ``g`` and half that to
-    ``c``. A radius is used when both tests hold within a quarter of the
-    tolerance's share of this direction, plus rounding (``64·u·|f|`` per value).
+    ``g(h) = [f(h) − 2f(0) + f(−h)] / h`` are computed. Where the composition is
+    smooth, ``g(h) = f''·h`` and ``c(h) = f' + a·h²``; a kink (ReLU, max-pool) at
+    distance ``t < h`` adds about ``jump·(1 − t/h)`` to ``g`` and half that to
+    ``c``. A pair is smooth when ``g(h/10) = g(h)/10`` within twice this
+    direction's error budget (a quarter of its share of the tolerance) plus
+    rounding (``64·u·|f|`` per value); then ``c(h)`` is used if it equals
+    ``c(h/10)`` within the budget, else the extrapolation
+    ``c(h/10) + [c(h/10) − c(h)]/99`` that removes the ``a·h²`` term, if that term
+    (``|c(h) − c(h/10)|/99`` at ``h/10``) is within the budget.
     """
     u = torch.finfo(dtype).eps
     cd = lambda j, i: (value(j, i, 1.0) - value(j, i, -1.0)) / (2 * radii[j])  # noqa: E731
     gap = lambda j, i: (value(j, i, 1.0) - 2 * f0 + value(j, i, -1.0)) / radii[j]  # noqa: E731
     first = [cd(0, i) for i in range(n_dirs)]
-    scale = math.sqrt(sum(c * c for c in first))
-    budget = tol * scale / (4 * math.sqrt(n_dirs))
+    budget = tol * math.sqrt(sum(c * c for c in first)) / (4 * math.sqrt(n_dirs))
     out, used, smooth = [], radii[0], True
     for i in range(n_dirs):
-        chosen = None
+        pick = None
         for j in range(len(radii) - 1):
             fmax = max(abs(f0), *(abs(value(k, i, s)) for k in (j, j + 1) for s in (1.0, -1.0)))
-            delta = 64 * u * fmax
-            noise = lambda k: delta / radii[k]  # noqa: E731
-            same_slope = abs(cd(j, i) - cd(j + 1, i)) <= budget + noise(j) + noise(j + 1)
-            gaps_scale = abs(gap(j + 1, i) - gap(j, i) / 10) <= 2 * budget + 4 * noise(j + 1) + 0.4 * noise(j)
-            if same_slope and gaps_scale:
-                chosen = j
+            noise = lambda k: 64 * u * fmax / radii[k]  # noqa: E731
+            if abs(gap(j + 1, i) - gap(j, i) / 10) > 2 * budget + 4 * noise(j + 1) + 0.4 * noise(j):
+                continue        # a kink between the radii, or inside both
+            diff, allowed = cd(j, i) - cd(j + 1, i), budget + noise(j) + noise(j + 1)
+            if abs(diff) <= allowed:
+                pick = (cd(j, i), radii[j])
+            elif abs(diff) / 99 <= allowed:
+                pick = (cd(j + 1, i) - diff / 99, radii[j + 1])
+            if pick is not None:
                 break
-        if chosen is None:
-            smooth, chosen = False, len(radii) - 1
-        used = min(used, radii[chosen]) if smooth else radii[-1]
-        out.append(cd(chosen, i))
+        if pick is None:
+            smooth, pick = False, (cd(len(radii) - 1, i), radii[-1])
+        out.append(pick[0])
+        used = min(used, pick[1])
     return Choice(torch.tensor(out, dtype=dtype), used, smooth)
 
 

@@ -2,8 +2,15 @@
 problem declares the architecture it uses as a constant, so the checker holds it fixed as the
 engines do, and the exact engines' four-level hypergradient agrees with the central difference."""
 import dataclasses
+import os
+import re
+
+import pytest
 
 import mlo
+from applications.common import load_config
+from applications.lease import explain
+from applications.lease.config import SearchConfig
 
 from .tiny_graph import exact_config, tiny_lease_graph
 
@@ -40,3 +47,50 @@ def test_default_finite_difference_engines_check_ok_at_their_limit():
     assert report.ok, str(report)
     assert report.reference == mlo.check.COMPOSITION and not report.notes
     assert report.configured_error is not None and report.configured_error > 100 * TOL, str(report)
+
+
+DIGITS = os.path.join(os.path.dirname(__file__), "..", "..", "applications", "lease", "configs", "digits.yaml")
+
+
+@pytest.mark.parametrize("engines", ["preset", "finite_difference"])
+def test_the_digits_preset_checks_without_choosing_eps(engines):
+    """The shipped search graph (its ReLUs and max-pools, BatchNorm, momentum, clipping, the
+    row-sparse bank), small and in float64, with the checker's default arguments: OK, or the one
+    sentence naming the non-smoothness — never a MISMATCH caused by kinks inside its radius. Also
+    with the paper's finite differences on every edge (judged at their limit)."""
+    sets = ["dtype=float64"]
+    if engines != "preset":
+        sets += [f"engines.{e}={engines}" for e in ("explainer", "explanation", "audience")]
+    graph = tiny_lease_graph(load_config(SearchConfig, DIGITS, sets))[0]
+    report = mlo.check_hypergradient(graph, "architecture")
+    first = str(report).splitlines()[0]
+    assert report.ok or re.fullmatch(r"cannot check here: non-smooth at radius \S+ \(ReLU/max-pool kinks\)",
+                                     first), str(report)
+    assert not report.notes, str(report)
+
+
+def test_a_first_order_explainer_term_checks_ok():
+    """``explainer_val_order: first``: the architecture's own validation term uses E' without its
+    dependence on A (``ctx.forward(constants=("explainer",))``); the reference holds it too."""
+    graph = tiny_lease_graph(exact_config("unrolled", explainer_val_order="first"))[0]
+    report = mlo.check_hypergradient(graph, "architecture", directions=3)
+    assert report.ok and not report.notes, str(report)
+
+
+def test_a_detached_target_variant_checks_ok():
+    """The explanation loss with its clean prediction (the target) as a stop-gradient of E'."""
+    graph, explainer = tiny_lease_graph(exact_config("unrolled"))[:2]
+
+    def detached_target(ctx, batch):
+        x, _, idx = batch
+        perturbed = ctx.forward(explainer, x + ctx["explanation"][idx])
+        clean = ctx.forward(explainer, x, constants=("explainer",))
+        return explain.explanation_loss(perturbed, clean)
+    problems = [dataclasses.replace(p, objective=detached_target) if p.name == "explanation" else p
+                for p in graph.problems.values()]
+    variant = mlo.Graph(problems)
+    report = mlo.check_hypergradient(variant, "architecture", directions=3)
+    assert report.ok, str(report)
+    full = mlo.hypergradient(graph, "architecture")["total"]
+    cut = mlo.hypergradient(variant, "architecture")["total"]
+    assert max(float((full[k] - cut[k]).abs().max()) for k in full) > 1e-8   # the stop-gradient changes it
