@@ -44,6 +44,7 @@ QUICK = {
                               "--set", "methods=[uniform]", *CPU],
     "applications.ignore": ["--config", tiny("ignore"), "--set", "steps=2", "--set", "seeds=[0]",
                             "--set", "methods=[no_ignore]", "--set", "final.steps=2", *CPU],
+    "applications.maml": ["--config", tiny("maml"), "--set", "outer_steps=2", "--set", "methods=[maml]", *CPU],
 }
 PROGRAMS = sorted(QUICK)
 #: The study runs other programs; its own contract (second run refused, resume) is in tests/lease/test_study.py.

@@ -1,0 +1,207 @@
+"""Few-shot learning on digits: ``python -m applications.maml``.
+
+Examples::
+
+    python -m applications.maml                                  # configs/default.yaml
+    python -m applications.maml --config applications/maml/configs/tiny.yaml --out runs/maml-tiny
+    python -m applications.maml --set methods=[maml,fomaml] --set seeds=[0,1,2,3,4]
+    python -m applications.maml --set engines.imaml.iterations=10 --set imaml_lam=0.5
+    python -m applications.maml --resume runs/maml-...           # continue after Ctrl-C
+
+Methods, each run once per seed (``<method>-seed<N>`` arms), all from the same
+initial network for a seed and scored on the same meta-test episodes:
+``scratch`` (the initial network, no training: fine-tuned on each test task),
+``pretrain`` (one classifier over every meta-train class, then a new head
+fine-tuned on each test task), ``maml`` (``engines.maml``, default
+``Unrolled(steps=inner.steps)``), ``imaml`` (``engines.imaml``, default CG, with
+the proximal term ``imaml_lam``), ``fomaml`` (``engines.fomaml``). Test-time
+adaptation is the inner loop: ``inner.steps`` SGD steps at ``inner.lr``.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+
+import torch
+
+import mlo
+from applications.common import ConfigError
+from applications.common.engines import EngineSpec, build_engine, engine_field, resolve_engine
+from applications.common.run_folder import LoggingConfig, Run
+from applications.experiment import Experiment, digits_program, run_program
+
+from . import problems
+
+METHODS = ("scratch", "pretrain", "maml", "imaml", "fomaml")
+
+
+@dataclass
+class DataConfig:
+    test_classes: list[int] = field(default_factory=lambda: [6, 7, 8, 9])   # never seen in meta-training
+    n_way: int = 3
+    k_shot: int = 5
+    n_query: int = 10                # query examples per class
+    test_episodes: int = 200         # meta-test tasks per seed (the same for every method)
+
+
+@dataclass
+class InnerConfig:
+    lr: float = 0.5                  # SGD on a task (training and test-time adaptation alike)
+    steps: int = 5
+
+
+@dataclass
+class PretrainConfig:
+    steps: int = 300                 # Adam steps of the baseline classifier over the meta-train classes
+    lr: float = 0.003
+    batch_size: int = 64
+
+
+@dataclass
+class EnginesConfig:
+    """The engine on each task→meta edge (any field of that mlo engine)."""
+
+    maml: EngineSpec = engine_field("unrolled", steps=5)      # steps must equal inner.steps for exact MAML
+    imaml: EngineSpec = engine_field("cg", iterations=5)
+    fomaml: EngineSpec = engine_field("fomaml")
+
+    def validate(self) -> None:
+        for name in ("maml", "imaml", "fomaml"):
+            setattr(self, name, resolve_engine(getattr(self, name), f"engines.{name}"))
+
+    def make(self, method: str) -> mlo.Engine:
+        return build_engine(getattr(self, method), f"engines.{method}")
+
+
+@dataclass
+class MAMLConfig:
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    outer_steps: int = 300           # meta-training steps of each meta-learner
+    meta_batch: int = 4              # tasks per meta-training step (one problem each)
+    meta_lr: float = 0.001           # Adam on the meta-parameters θ
+    imaml_lam: float = 1.0           # iMAML's proximal weight λ (training and test-time adaptation)
+    hidden: int = 32                 # two hidden layers of this width
+    log_every: int = 25
+    checkpoint_every: int = 100
+    threads: int = 1
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    inner: InnerConfig = field(default_factory=InnerConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    engines: EnginesConfig = field(default_factory=EnginesConfig)
+
+    def validate(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods or len(set(self.methods)) != len(self.methods):
+            raise ConfigError(f"methods: expected distinct names from {', '.join(METHODS)}, got {self.methods}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds: expected distinct integers, got {self.seeds}")
+        for key in ("outer_steps", "meta_batch", "hidden", "log_every", "checkpoint_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        d = self.data
+        if len(set(d.test_classes)) != len(d.test_classes) or not set(d.test_classes) <= set(range(10)):
+            raise ConfigError(f"data.test_classes: expected distinct digits 0..9, got {d.test_classes}")
+        if not 2 <= d.n_way <= min(len(d.test_classes), 10 - len(d.test_classes)):
+            raise ConfigError(f"data.n_way: must be >= 2 and at most the number of meta-train "
+                              f"({10 - len(d.test_classes)}) and meta-test ({len(d.test_classes)}) classes, "
+                              f"got {d.n_way}")
+        if d.k_shot < 1 or d.n_query < 1 or d.k_shot + d.n_query > 170 or d.test_episodes < 1:
+            raise ConfigError("data: k_shot, n_query, test_episodes must be >= 1 and k_shot + n_query <= 170 "
+                              "(the smallest digit class has 174 examples)")
+        if self.inner.steps < 1 or self.pretrain.steps < 1:
+            raise ConfigError("inner.steps and pretrain.steps: must be >= 1")
+        if self.imaml_lam < 0:
+            raise ConfigError(f"imaml_lam: must be >= 0, got {self.imaml_lam}")
+        maml = self.engines.maml
+        if maml["name"] == "unrolled" and maml["steps"] > self.inner.steps:
+            raise ConfigError(f"engines.maml.steps ({maml['steps']}) cannot exceed inner.steps "
+                              f"({self.inner.steps}); equal is exact MAML")
+
+
+def run(r: Run) -> dict:
+    cfg, device = r.cfg, r.device
+    data = problems.load_data(cfg.data.test_classes, device)
+    d, inner = cfg.data, cfg.inner
+    exp = Experiment(r, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every)
+    per_method: dict[str, list[dict]] = {m: [] for m in cfg.methods}
+    for seed in cfg.seeds:
+        test_tasks = problems.episodes(data.test, d.test_episodes, d.n_way, d.k_shot, d.n_query, 10_000 + seed)
+        for method in cfg.methods:
+            torch.manual_seed(seed)
+            lam = cfg.imaml_lam if method == "imaml" else 0.0
+            if method == "pretrain":
+                graph, net = problems.build_pretrain_graph(data, data.features, cfg.hidden, cfg.pretrain.lr,
+                                                           cfg.pretrain.batch_size, cfg.pretrain.steps, seed)
+                steps, fresh_head = cfg.pretrain.steps, True
+            else:
+                flat = problems.episodes(data.train, cfg.outer_steps * cfg.meta_batch, d.n_way, d.k_shot,
+                                         d.n_query, seed)
+                batches = [flat[i:i + cfg.meta_batch] for i in range(0, len(flat), cfg.meta_batch)]
+                engine = cfg.engines.make("maml" if method == "scratch" else method)
+                graph, net = problems.build_meta_graph(engine, batches, data.features, cfg.hidden, d.n_way,
+                                                       inner.lr, inner.steps, cfg.meta_lr, lam)
+                steps, fresh_head = (0 if method == "scratch" else cfg.outer_steps), False
+            template = problems.make_net(data.features, cfg.hidden, d.n_way).to(device)
+
+            def summary(net=net, fresh_head=fresh_head, lam=lam, tasks=test_tasks):
+                start = problems.start_params(net, d.n_way, fresh_head)
+                return {"test_acc": problems.meta_test(template, start, tasks, inner.lr, inner.steps, lam)}
+
+            per_method[method].append(exp.arm(f"{method}-seed{seed}", graph, steps, summary=summary))
+    table = {m: _over_seeds([x["test_acc"] for x in rows], [x["time_s"] for x in rows])
+             for m, rows in per_method.items()}
+    result = {"summary": table, "seeds": list(cfg.seeds),
+              "task": f"{d.n_way}-way {d.k_shot}-shot, meta-test classes {d.test_classes}",
+              "arms": {f"{m}-seed{s}": rows[i] for m, rows in per_method.items() for i, s in enumerate(cfg.seeds)}}
+    return exp.finish(result, plot=lambda path: plot(result, path), plot_name="maml.png")
+
+
+def _over_seeds(accs: list[float], times: list[float]) -> dict:
+    """Mean meta-test accuracy, the half-width of its 95 % t-interval over seeds (None for one seed)."""
+    n = len(accs)
+    ci = None
+    if n > 1:
+        from scipy.stats import t
+        ci = round(float(t.ppf(0.975, n - 1)) * statistics.stdev(accs) / math.sqrt(n), 4)
+    return {"test_acc_mean": round(statistics.fmean(accs), 4), "test_acc_ci95": ci,
+            "per_seed": [round(a, 4) for a in accs], "time_s_mean": round(statistics.fmean(times), 2)}
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = result["summary"]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, (m, s) in enumerate(table.items()):
+        ax.bar(i, s["test_acc_mean"], yerr=s["test_acc_ci95"] or 0, capsize=5, color=f"C{i}", alpha=0.7)
+        ax.scatter([i] * len(s["per_seed"]), s["per_seed"], color="k", s=12, zorder=3)
+    ax.set_xticks(range(len(table)), list(table))
+    ax.set_ylabel("meta-test accuracy")
+    ax.set_title(f"{result['task']}: mean, 95 % interval over seeds {result['seeds']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+PROGRAM = digits_program(
+    "maml", MAMLConfig, "Few-shot learning on digits: MAML, iMAML and first-order MAML with mlo, against "
+                        "a network trained without meta-learning and an untrained one.",
+    examples=[[], ["--config", "applications/maml/configs/tiny.yaml", "--out", "runs/maml-tiny"],
+              ["--set", "methods=[maml,fomaml]", "--set", "seeds=[0,1,2,3,4]"],
+              ["--set", "engines.imaml.iterations=10", "--set", "imaml_lam=0.5"],
+              ["--resume", "runs/maml-tiny"]],
+    plot_name="maml.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_program(PROGRAM, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,94 @@
+"""``python -m applications.maml``: the graph it declares computes MAML / FOMAML exactly (float64, against
+a hand-written ``torch.func`` meta-gradient), and the tiny config runs end to end in a child process."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+import mlo
+from applications.maml import __main__ as cli
+from applications.maml import problems
+from tests.subproc import run_module
+
+from .helpers import check_outputs, doc_code_is_current, tiny
+
+ARGS = ["--device", "cpu", "--no-progress"]
+
+
+def _tiny_graph(engine, steps=2, lam=0.0):
+    data = problems.load_data([6, 7, 8, 9])
+    eps = problems.episodes(data.train, 2, n_way=3, k_shot=2, n_query=3, seed=0)
+    eps = [tuple(t.double() if t.is_floating_point() else t for t in e) for e in eps]
+    torch.manual_seed(0)
+    graph, net = problems.build_meta_graph(engine, [eps], data.features, 8, 3, inner_lr=0.3, inner_steps=steps,
+                                           meta_lr=0.01, lam=lam)
+    for p in graph.problems.values():
+        for m in p.modules:
+            m.double()
+    return graph, net, eps
+
+
+def _hand_meta_gradient(net, eps, steps, lr, first_order=False):
+    """d mean-query-loss / dθ through ``steps`` SGD steps from φ = θ per task (first order: at φ', as if
+    dφ'/dθ = I)."""
+    theta = {k: v.detach().clone().requires_grad_(True) for k, v in net.named_parameters()}
+    grads = {k: torch.zeros_like(v) for k, v in theta.items()}
+    for xs, ys, xq, yq in eps:
+        phi = theta
+        for _ in range(steps):
+            loss = F.cross_entropy(functional_call(net, phi, (xs,)), ys)
+            g = torch.autograd.grad(loss, list(phi.values()), create_graph=not first_order)
+            phi = {k: v - lr * gi for (k, v), gi in zip(phi.items(), g)}
+            if first_order:
+                phi = {k: v.detach().requires_grad_(True) for k, v in phi.items()}
+        query = F.cross_entropy(functional_call(net, phi, (xq,)), yq) / len(eps)
+        wrt = phi if first_order else theta
+        for k, gk in zip(wrt, torch.autograd.grad(query, list(wrt.values()))):
+            grads[k] += gk
+    return grads
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_the_declared_graph_is_maml(first_order):
+    engine = mlo.FOMAML() if first_order else mlo.Unrolled(steps=2)
+    graph, net, eps = _tiny_graph(engine)
+    got = mlo.hypergradient(graph, "meta")["hyper"]
+    want = _hand_meta_gradient(net, eps, 2, 0.3, first_order)
+    assert set(got) == set(want)
+    for k in want:
+        assert torch.allclose(got[k], want[k], rtol=0, atol=1e-12), k
+
+
+def test_tiny_run_end_to_end(tmp_path):
+    out = str(tmp_path / "run")
+    run_module("applications.maml", ["--config", tiny("maml"), "--out", out, *ARGS])
+    result = check_outputs(out, "maml.png")
+    assert list(result["summary"]) == ["scratch", "pretrain", "maml", "imaml", "fomaml"]
+    for name, row in result["summary"].items():
+        assert 0.0 <= row["test_acc_mean"] <= 1.0 and len(row["per_seed"]) == 1, name
+        assert row["test_acc_ci95"] is None          # one seed: no interval
+    assert os.path.isfile(os.path.join(out, "maml.png"))
+
+
+def test_interval_over_seeds():
+    row = cli._over_seeds([0.5, 0.6, 0.7], [1.0, 1.0, 1.0])
+    # t(0.975, 2) = 4.3027; std 0.1; half-width 4.3027 * 0.1 / sqrt(3)
+    assert row["test_acc_mean"] == 0.6 and abs(row["test_acc_ci95"] - 0.2484) < 1e-4
+
+
+def test_bad_config_is_one_line_before_running(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert cli.main(["--config", tiny("maml"), "--out", out, "--set", "methods=[maml,reptile]", *ARGS]) == 2
+    assert "reptile" in capsys.readouterr().err
+    assert cli.main(["--config", tiny("maml"), "--out", out, "--set", "engines.maml.steps=9", *ARGS]) == 2
+    assert "cannot exceed inner.steps" in capsys.readouterr().err
+    assert not os.path.exists(out)
+
+
+def test_doc_shows_the_current_declaration():
+    doc_code_is_current("maml.md")
