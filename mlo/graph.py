@@ -238,8 +238,8 @@ class Graph:
                     if ok and flows(y, dep):
                         wrt.append((y, eng))
                     elif not ok:
-                        links.append((y, q, inp.via, why or f"{type(eng).__name__}, the engine of {q!r}, "
-                                      "differentiates only its gradient, not its hypergradient"))
+                        links.append((y, q, inp.via, why or f"{type(eng).__name__}, the engine of {q!r}, does "
+                                      "not differentiate its hypergradient"))
             if edges[q]:
                 full.add(q)
             else:

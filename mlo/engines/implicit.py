@@ -162,6 +162,10 @@ class DenseImplicit(Engine):
     damping: float = 0.0
     max_params: int = 4096
 
+    #: exact inside a nested hypergradient too (mlo.nested): the solve is differentiable, and on a problem
+    #: whose update includes a hypergradient it solves with that whole direction's Jacobian
+    exact_nested = True
+
     def __post_init__(self):
         check_float("DenseImplicit", "damping", self.damping)
         check_int("DenseImplicit", "max_params", self.max_params, 1)

@@ -7,6 +7,7 @@ objective is differentiated with respect to the hyperparameter.
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -51,12 +52,13 @@ def _val(X, y, m):
     return ((X @ m - y) ** 2).mean()
 
 
-def chain_graph(d, model_engine=None, weights_engine=None, model2_engine=None, steps=1):
+def chain_graph(d, model_engine=None, weights_engine=None, model2_engine=None, steps=1, decay=0.0):
     m, a, m2, rho = (d[k].clone().requires_grad_(True) for k in ("m0", "a0", "m20", "rho0"))
     sgd = lambda lr: (lambda p: torch.optim.SGD(p, lr=lr))   # noqa: E731
     model = mlo.Problem("model", m, lambda ctx, b: _train(d["X"], d["y"], ctx["model"], ctx["weights"], ctx["reg"]),
                         sgd(LR_M), reads=["weights", "reg"], engine=model_engine, steps=steps)
-    weights = mlo.Problem("weights", a, lambda ctx, b: _val(d["Xv"], d["yv"], ctx["model"]), sgd(LR_A),
+    weights = mlo.Problem("weights", a, lambda ctx, b: _val(d["Xv"], d["yv"], ctx["model"]) + decay * (
+                          ctx["weights"] ** 2).sum(), sgd(LR_A),
                           reads=["model"], engine=weights_engine)
     model2 = mlo.Problem("model2", m2,
                          lambda ctx, b: _train(d["X"], d["y"], ctx["model2"], ctx["weights"], ctx["reg"]),
@@ -181,3 +183,191 @@ def test_distillation_chain_with_momentum_and_adam_is_exact():
     got = _hyper(graph, "temp")
     ref = distill_reference(d)
     assert _rel(got, ref) <= 1e-10, (got, ref)
+
+
+# ---------------------------------------------------------------- what an approximate engine drops
+PATH = ("reg", "model", "weights", "model2")
+
+
+@pytest.mark.parametrize("where, engine, reason", [
+    ("model", mlo.FiniteDifference(), "FiniteDifference on edge model->weights inside the hypergradient of 'weights'"),
+    ("model", mlo.CG(iterations=5), "CG on edge model->weights inside the hypergradient of 'weights'"),
+    ("model", mlo.Neumann(iterations=5), "Neumann on edge model->weights"),
+    ("weights", mlo.FiniteDifference(), "FiniteDifference on edge weights->model differentiates only the gradient"),
+    ("weights", mlo.FirstOrder(), "FirstOrder, the engine of 'weights', does not differentiate its hypergradient"),
+])
+def test_an_approximate_engine_inside_names_the_dropped_path_once(where, engine, reason):
+    d = _chain_data()
+    with pytest.warns(UserWarning, match="reg -> model -> weights -> model2") as caught:
+        graph = chain_graph(d, **{f"{where}_engine": engine})
+    assert len([w for w in caught if "not differentiated exactly" in str(w.message)]) == 1
+    assert [(p.problem, p.path) for p in graph.dropped_paths] == [("reg", PATH)]
+    assert reason in graph.dropped_paths[0].reason
+    assert f"not exact for reg: {' -> '.join(PATH)} (" in repr(graph)
+    if isinstance(engine, mlo.FiniteDifference):   # quadratic in the model: the difference is exact, only the
+        got = _hyper(graph, "reg")                  # nested term is missing, as it was before
+        assert _rel(got, chain_reference(d, nested=False)) <= 1e-8
+
+
+def test_exact_graphs_name_no_path_and_warn_nothing():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for graph in (chain_graph(_chain_data()), distill_graph(_distill_data()),
+                      chain_graph(_chain_data(), weights_engine=mlo.Unrolled(reuse_step_graph=True))):
+            assert graph.dropped_paths == []
+            assert "not exact" not in repr(graph)
+
+
+def test_reuse_step_graph_on_the_nested_problem_falls_back_to_the_exact_recomputation():
+    d = _chain_data()
+    graph = chain_graph(d, weights_engine=mlo.Unrolled(reuse_step_graph=True),
+                        model_engine=mlo.Unrolled(reuse_step_graph=True))
+    assert _rel(_hyper(graph, "reg"), chain_reference(d)) <= 1e-10
+
+
+def test_a_multi_step_model_is_exact_too():
+    d = _chain_data(2)
+    graph = chain_graph(d, model_engine=mlo.Unrolled(steps=3), steps=3)
+    assert _rel(_hyper(graph, "reg"), chain_reference(d, steps=3)) <= 1e-10
+
+
+def test_check_hypergradient_says_ok_on_the_chain():
+    report = mlo.check_hypergradient(chain_graph(_chain_data()), "reg")
+    assert report.ok, str(report)
+
+
+# ---------------------------------------------------------------- the shipped applications have no such path
+def _no_nested_path(graph: mlo.Graph) -> None:
+    """No sweep differentiates a hypergradient or reaches a value through one, so every plan is the one
+    of direct reads only and the stepper runs exactly the VJPs it ran before."""
+    assert graph.dropped_paths == []
+    for plan in graph.plans.values():
+        for s in plan.sweep:
+            assert not s.nested, s
+            assert all(r in graph.problems[s.problem].reads for r, _ in s.wrt), s
+
+
+def _same_without_the_feature(graph: mlo.Graph, name: str, monkeypatch) -> None:
+    batches = mlo.check.draw_batches(graph, name)
+    on = mlo.hypergradient(graph, name, batches=batches)["total"]
+    monkeypatch.setattr(mlo.Unrolled, "exact_nested", False)
+    off_graph = graph.with_engines(lambda e: e)
+    off = mlo.hypergradient(off_graph, name, batches=batches)["total"]
+    monkeypatch.undo()
+    flat = lambda t: torch.cat([v.reshape(-1) for v in (t.values() if isinstance(t, dict) else [t])])  # noqa: E731
+    assert torch.equal(flat(on), flat(off))
+
+
+def test_lease_search_graph_has_no_nested_path(monkeypatch):
+    from tests.lease.tiny_graph import exact_config, tiny_lease_graph
+    for engine in ("unrolled", "finite_difference"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            graph = tiny_lease_graph(exact_config(engine))[0]
+        _no_nested_path(graph)
+    _same_without_the_feature(graph, "architecture", monkeypatch)
+    _same_without_the_feature(tiny_lease_graph(exact_config("unrolled"))[0], "architecture", monkeypatch)
+
+
+def test_hpo_reweight_and_ignore_graphs_have_no_nested_path(monkeypatch):
+    from applications.hpo import problems as hpo
+    from applications.ignore import problems as ignore
+    from applications.reweight import problems as reweight
+    f64 = lambda d: dataclasses.replace(d, **{k: (getattr(d, k)[0].double(), getattr(d, k)[1])  # noqa: E731
+                                              for k in ("train", "val", "test")})
+    h = f64(hpo.load_data(0, 5, 5, 2))
+    graph = hpo.build_graph(h, mlo.Unrolled(steps=2), inner_lr=0.1, momentum=0.9, inner_steps=2, hyper_lr=0.01,
+                            init_weight_decay=1e-3)[0]
+    _no_nested_path(graph)
+    _same_without_the_feature(graph, "hyper", monkeypatch)
+    r = f64(reweight.load_data(0, imbalance=20.0, noise=0.2, val_per_class=5, test_fraction=0.4))
+    for method in ("meta_weight_net", "weight_table"):
+        graph = reweight.build_graph(r, method, seed=0, hidden=0, lr=0.1, momentum=0.9, batch_size=10)[0]
+        _no_nested_path(graph)
+    _same_without_the_feature(graph, "weights", monkeypatch)
+    small = ignore.load_data(0, 6, 0.4, 3, 3, 0)
+    data = ignore.Data(*[(x.double(), y) for x, y in (small.source, small.target_train, small.target_val,
+                                                       small.target_test)], small.corrupted)
+    for method in ("three_level", "two_level"):
+        graph = ignore.build_graph(data, method, pretrain_engine=mlo.Unrolled(steps=2),
+                                   finetune_engine=mlo.CG(iterations=3), pretrain_steps=2, finetune_steps=2,
+                                   lr=0.1, momentum=0.9, ignore_lr=0.1, gamma=0.1, source_decay=1e-3)[0]
+        _no_nested_path(graph)
+    _same_without_the_feature(graph, "ignore", monkeypatch)
+
+
+def test_the_two_checks_above_fail_on_a_graph_with_a_nested_path(monkeypatch):
+    graph = chain_graph(_chain_data())
+    with pytest.raises(AssertionError):
+        _no_nested_path(graph)
+    with pytest.raises(AssertionError):
+        _same_without_the_feature(graph, "reg", monkeypatch)
+
+
+# ---------------------------------------------------------------- DenseImplicit, where it applies
+DECAY = 0.3
+
+
+def _model_after(d, a, rho):
+    m = d["m0"].clone().requires_grad_(True)
+    return m - LR_M * _grad(_train(d["X"], d["y"], m, a, rho), m)
+
+
+def _obj_after_model2(d, a1, rho):
+    m2 = d["m20"].clone().requires_grad_(True)
+    m2 = m2 - LR_M2 * _grad(_train(d["X"], d["y"], m2, a1, rho), m2)
+    return _val(d["Xt"], d["yt"], m2)
+
+
+def test_dense_implicit_on_the_nested_problem_solves_with_its_whole_direction():
+    """The weights' update direction is D(a) = 2·decay·a + (its hypergradient through the model); at its
+    solution a' the implicit derivative is −(∂D/∂x)ᵀ (∂D/∂a)⁻ᵀ u for x = the model's solution and rho."""
+    d = _chain_data()
+    graph = chain_graph(d, weights_engine=mlo.DenseImplicit(), decay=DECAY)
+    assert graph.dropped_paths == []
+    rho = d["rho0"].clone().requires_grad_(True)
+    a0 = d["a0"].clone().requires_grad_(True)
+    m1 = _model_after(d, a0, rho)
+    hyper = _grad(_val(d["Xv"], d["yv"], m1), a0)
+    a1 = (a0 - LR_A * (2 * DECAY * a0 + hyper)).detach().requires_grad_(True)
+    obj = _obj_after_model2(d, a1, rho)
+    direct, u = torch.autograd.grad(obj, [rho, a1])
+
+    def direction(a, m, r):     # the weights' update direction at a, from the model's record (a0, rho)
+        at = d["a0"].clone().requires_grad_(True)
+        m_rec = _model_after(d, at, r)
+        mm = m if m.requires_grad else m.clone().requires_grad_(True)
+        seed = _grad(_val(d["Xv"], d["yv"], mm), mm)
+        return 2 * DECAY * a + torch.autograd.grad(m_rec, at, seed, create_graph=True)[0]
+    jac = torch.autograd.functional.jacobian(lambda a: direction(a, m1.detach(), rho.detach()), a1.detach())
+    q = torch.linalg.solve(jac.T, u)
+    ref = direct - torch.autograd.grad(direction(a1.detach(), m1, rho), rho, q)[0]
+    assert _rel(_hyper(graph, "reg"), ref) <= 1e-10
+
+
+def test_dense_implicit_inside_the_nested_hypergradient_is_differentiated():
+    """The model's edges on DenseImplicit: the weights' hypergradient is −Mᵀ H⁻¹ ∇val at the model's
+    solution m', and reg's hypergradient differentiates it (through m', rho and the solve); m' moves with
+    rho by the implicit derivative −H⁻¹ ∂²L/∂m∂rho, which the engine on model->reg takes."""
+    d = _chain_data()
+    graph = chain_graph(d, model_engine=mlo.DenseImplicit())
+    assert graph.dropped_paths == []
+    rho0, a0 = d["rho0"], d["a0"]
+    m_sol = _model_after(d, a0, rho0).detach()
+    hess = torch.autograd.functional.hessian(lambda m: _train(d["X"], d["y"], m, a0, rho0), m_sol)
+    cross = torch.autograd.functional.jacobian(
+        lambda r: torch.autograd.functional.jacobian(lambda m: _train(d["X"], d["y"], m, a0, r), m_sol,
+                                                     create_graph=True), rho0)
+    rho = rho0.clone().requires_grad_(True)
+    m1 = m_sol + (-torch.linalg.solve(hess, cross.reshape(DIM, -1)) @ (rho - rho0))   # m'(rho), to first order
+
+    def implicit_hyper(m, r):   # −(∂²L/∂m∂a)ᵀ H⁻¹ ∇val at (m, a0, r), differentiable in m and r
+        at = a0.clone().requires_grad_(True)
+        mm = m if m.requires_grad else m.clone().requires_grad_(True)
+        g = _grad(_train(d["X"], d["y"], mm, at, r), mm)
+        h = torch.stack([_grad(g[i], mm) for i in range(DIM)])
+        q = torch.linalg.solve(h.T, _grad(_val(d["Xv"], d["yv"], mm), mm))
+        return -torch.autograd.grad(g, at, q, create_graph=True)[0]
+    a1 = a0 - LR_A * implicit_hyper(m1, rho)
+    ref = _grad(_obj_after_model2(d, a1, rho), rho, create_graph=False)
+    assert _rel(_hyper(graph, "reg"), ref) <= 1e-10
