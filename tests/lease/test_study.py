@@ -6,10 +6,9 @@ import pytest
 
 from tests.subproc import ROOT, run_module
 
-TINY_SEARCH = ["--search-set", "epochs=2", "--search-set", "max_steps_per_epoch=2", "--search-set", "arch_start_epoch=1",
-               "--search-set", "space.C=2", "--search-set", "space.nodes=2", "--search-set", "audience.width=0.0625",
-               "--search-set", "data.subset_fraction=0.25", "--search-set", "log_every=1",
-               "--search-set", "data.batch_size=16"]
+from .tiny import search_args
+
+TINY_SEARCH = search_args("--search-set", cpu=False, epochs=2, max_steps_per_epoch=2, arch_start_epoch=1)
 TINY_TRAIN = ["--train-set", "train.epochs=1", "--train-set", "model.C=4", "--train-set", "model.layers=2",
               "--train-set", "data.subset_fraction=0.1"]
 ROW_KEYS = {"method", "seeds_done", "test_acc_mean", "test_acc_std", "per_seed", "search_seconds", "eval_seconds",

@@ -17,26 +17,18 @@ import pytest
 import torch
 
 import mlo
-from tests.subproc import describe
+from tests.lease.tiny import search_args
+from tests.subproc import ROOT, child_env, describe
 
 from . import toy
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY = ["--set", "epochs=1", "--set", "arch_start_epoch=0", "--set", "max_steps_per_epoch=4", "--set", "space.C=2", "--set", "space.nodes=2",
-        "--set", "space.layers=2", "--set", "audience.width=0.0625", "--set", "data.subset_fraction=0.25",
-        "--set", "data.batch_size=8", "--set", "log_every=1", "--set", "checkpoint_every=1", "--device", "cpu"]
-
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("WORLD_SIZE", None)
-    return env
+TINY = search_args(epochs=1, max_steps_per_epoch=4, space__layers=2, data__batch_size=8, checkpoint_every=1)
 
 
 def _main(args):
     """``python -m applications.lease.search *args`` in a child process (one thread, as every run here);
     returns (exit code, stderr). A native crash is a failed test, not the end of the suite."""
-    proc = subprocess.run([sys.executable, "-m", "applications.lease.search", *args], cwd=ROOT, env=_env(),
+    proc = subprocess.run([sys.executable, "-m", "applications.lease.search", *args], cwd=ROOT, env=child_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode >= 0, f"search {describe(proc.returncode)}:\n{proc.stderr[-3000:]}"
     return proc.returncode, proc.stderr
@@ -54,7 +46,7 @@ def _params(path):
 def test_sigkill_at_a_random_moment_leaves_a_complete_checkpoint(tmp_path, trial):
     ckpt = tmp_path / "c.pt"
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "scale", "ckpt_writer.py"), str(ckpt)],
-                            cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while not os.path.exists(str(ckpt) + ".prev") and time.time() < deadline:
         time.sleep(0.005)
@@ -149,7 +141,7 @@ def test_same_seed_on_cpu_gives_the_same_genotype_twice(reference):
 def test_sigkill_then_damaged_checkpoint_resumes_from_the_previous_one(reference, tmp_path):
     out = str(tmp_path / "killed")
     proc = subprocess.Popen([sys.executable, "-m", "applications.lease.search", *TINY, "--out", out], cwd=ROOT,
-                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     prev = os.path.join(out, "checkpoint.pt.prev")
     deadline = time.time() + 240
     while not os.path.exists(prev) and time.time() < deadline and proc.poll() is None:
@@ -173,7 +165,7 @@ def test_sigkill_then_damaged_checkpoint_resumes_from_the_previous_one(reference
     rc, err = _main(["--resume", broken])
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and "no readable checkpoint" in err, err
     # resume the damaged run: a clear message, then the same result as the uninterrupted runs
-    r = subprocess.run([sys.executable, "-m", "applications.lease.search", "--resume", out], cwd=ROOT, env=_env(),
+    r = subprocess.run([sys.executable, "-m", "applications.lease.search", "--resume", out], cwd=ROOT, env=child_env(),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "cannot be read" in r.stderr and "previous checkpoint" in r.stderr

@@ -13,18 +13,16 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.lease.tiny import search_args
+from tests.subproc import ROOT, child_env
+
 ENTRY = os.path.join(ROOT, "tests", "scale", "lease_entry.py")
-TINY = ["--set", "epochs=1", "--set", "arch_start_epoch=0", "--set", "max_steps_per_epoch=6", "--set", "space.C=2", "--set", "space.nodes=2",
-        "--set", "space.layers=2", "--set", "audience.width=0.0625", "--set", "data.subset_fraction=0.25",
-        "--set", "data.batch_size=8", "--set", "log_every=1", "--set", "checkpoint_every=1", "--device", "cpu"]
+TINY = search_args(epochs=1, max_steps_per_epoch=6, space__layers=2, data__batch_size=8, checkpoint_every=1)
 
 
 def _launch(args, **kw):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", ENTRY, *args]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
 def test_sigterm_checkpoint_resume_under_torchrun_and_identical_replicas(tmp_path):
