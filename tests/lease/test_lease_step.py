@@ -1,5 +1,5 @@
 """One LeaSE step on a tiny supernet in float64: the architecture hypergradient that mlo
-computes equals the chain rule of hypergradients.md §2 written out with plain autograd."""
+computes equals the chain rule of docs/mlo.md §2 (the reverse sweep) written out with plain autograd."""
 import copy
 
 import pytest

@@ -1,4 +1,4 @@
-"""A 4-level chain shaped like LeaSE (hypergradients.md §2).
+"""A 4-level chain shaped like LeaSE (docs/mlo.md §2, the reverse sweep, and §3, "Conventions").
 
 order: E (min, reads A), D (max, reads E), W (min, reads D), A (min, reads E and W)
 

@@ -1,4 +1,4 @@
-"""A max level gets the right sign (hypergradients.md §1: ascent step δ' = δ + η∇_δ L).
+"""A max level gets the right sign (docs/mlo.md §3: a max problem's step is an ascent, δ' = δ + η∇_δ L).
 
 inner D (max over δ, reads x): L(δ, x) = −½(1 + 0.1·Σ softplus(x))‖δ‖² + δ·tanh(Cx)
 outer x (min, reads D):        F(δ', x) = ½‖δ' − t‖² + 0.1‖x‖²

@@ -1,5 +1,5 @@
 """K unrolled SGD steps from the optimum ≡ Neumann with K−1 terms and α = η
-(hypergradients.md §1), and K-step Unrolled against a hand-written K-step unroll.
+(docs/mlo.md §3, "When to use which"), and K-step Unrolled against a hand-written K-step unroll.
 
 inner: g(w, θ) = (1/2n)‖Xw − y‖² + ½ Σ_j e^{θ_j} w_j²   (per-feature weight decay)
 outer: F(w)    = (1/2m)‖X_v w − y_v‖²

@@ -1,4 +1,4 @@
-"""Quadratic bilevel with a chosen condition number κ (hypergradients.md §3, §4).
+"""Quadratic bilevel with a chosen condition number κ (docs/mlo.md §3: CG and Neumann, their iterations in κ).
 
 g(z, x) = ½zᵀAz + ½xᵀBx + xᵀCz + aᵀz + bᵀx         z*(x) = −A⁻¹(Cᵀx + a)
 F(z, x) = ½zᵀF_zz z + ½xᵀHx + xᵀKz + fᵀz + hᵀx

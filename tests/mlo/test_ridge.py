@@ -1,4 +1,4 @@
-"""Ridge regression with a log-regularisation hyperparameter (hypergradients.md §3).
+"""Ridge regression with a log-regularisation hyperparameter (docs/mlo.md §3: the implicit engines, −Mᵀ(H + ρI)⁻¹u).
 
 inner: g(w, θ) = (1/2n)‖Xw − y‖² + (e^θ/2)‖w‖²      (min over w, reads outer)
 outer: F(w)    = (1/2m)‖X_v w − y_v‖²                (min over θ, reads inner)
