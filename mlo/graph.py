@@ -18,7 +18,7 @@ from typing import Sequence
 from torch import nn
 
 from . import nested, rows
-from .engines import DenseImplicit, Engine, Unrolled
+from .engines import Engine, FiniteDifference, Unrolled
 from .errors import GraphError
 from .problem import Problem, SameBatch
 
@@ -45,13 +45,14 @@ class Plan:
 def init_path(engine: Engine) -> str | None:
     """How ``engine`` differentiates a start value reset from the read (``Problem.init_from``).
 
-    ``"exact"`` (``Unrolled``: through the steps from the reset), ``"identity"``
-    (``FOMAML``), ``"ignored"`` (implicit engines: the solution does not depend on
-    where the run started), or None: the engine cannot (``FiniteDifference``).
-    An engine says so with an ``init_path`` attribute.
+    An engine says so with an ``init_path`` attribute: ``"exact"`` (``Unrolled``:
+    through the steps from the reset), ``"identity"`` (``FOMAML``). Any other
+    engine takes the start value as a constant (``"ignored"``; right for the
+    implicit engines, whose answer does not depend on where the run started),
+    except ``FiniteDifference``, which cannot differentiate it and is refused (None).
     """
     path = getattr(engine, "init_path", None)
-    if path is None and isinstance(engine.reference(), DenseImplicit):
+    if path is None and not isinstance(engine, FiniteDifference):
         return "ignored"
     return path
 
