@@ -223,7 +223,7 @@ def check_hypergradient(graph: Graph, name: str, batches: dict | None = None, ep
     report = CheckReport(engine.detach(), numeric.detach(), _relative(engine, numeric), tol, reference, notes,
                          configured_error, radius, smooth, got.get("premises", []), fixed)
     if not report.ok:
-        report.notes.extend(_dropped(graph))
+        report.notes.extend(_dropped(graph, name))
     return report
 
 
@@ -281,8 +281,8 @@ def _notes(graph: Graph, name: str, edges, undeclared: dict, smallest: float) ->
     return notes
 
 
-def _dropped(graph: Graph) -> list[str]:
+def _dropped(graph: Graph, name: str) -> list[str]:
     """The graph's own list of paths no engine differentiates (``Graph.dropped_paths``), if it keeps one."""
     return [f"the engines drop the path {p} (Graph.dropped_paths); the reference does not"
-            for p in getattr(graph, "dropped_paths", None) or ()]
+            for p in getattr(graph, "dropped_paths", None) or () if getattr(p, "problem", name) == name]
 

@@ -201,3 +201,15 @@ def test_drawn_batches_pin_repeated_calls_and_results_keep_the_declared_structur
     as_module = mlo.hypergradient(_data_graph(lin, lambda c: c.forward(lin, c["inner"]).sum()), "outer",
                                   return_adjoints=True)
     assert set(as_module["total"]) == {"weight", "bias"} and isinstance(as_module["adjoints"]["inner"], torch.Tensor)
+
+
+def test_a_mismatch_cites_the_paths_the_graph_says_are_dropped():
+    """The three-level chain with DARTS' difference on the weights' edge: the graph names the nested
+    path it cannot differentiate, and the checker's MISMATCH cites it."""
+    from .test_nested_exact import PATH, _chain_data, chain_graph
+    with pytest.warns(UserWarning):
+        graph = chain_graph(_chain_data(), weights_engine=mlo.FiniteDifference())
+    report = mlo.check_hypergradient(graph, "reg")
+    assert not report.ok
+    assert any(" -> ".join(PATH) in n and "Graph.dropped_paths" in n for n in report.notes), str(report)
+    assert mlo.check_hypergradient(chain_graph(_chain_data()), "reg").ok
