@@ -213,3 +213,14 @@ def test_a_mismatch_cites_the_paths_the_graph_says_are_dropped():
     assert not report.ok
     assert any(" -> ".join(PATH) in n and "Graph.dropped_paths" in n for n in report.notes), str(report)
     assert mlo.check_hypergradient(chain_graph(_chain_data()), "reg").ok
+
+
+def test_implicit_maml_on_a_few_inner_steps_gets_both_hints():
+    """The few-shot situation of the implicit MAML example: a non-convex inner problem after 5 SGD
+    steps, CG(3): the check says the inner problems are not solved and CG has not converged."""
+    from tests.apps.test_maml import _tiny_graph
+    report = mlo.check_hypergradient(_tiny_graph(mlo.CG(iterations=3), steps=5, lam=1.0)[0], "meta", directions=2)
+    assert not report.ok
+    text = str(report)
+    assert text.count("inner problem not solved: use Unrolled or more steps") == 2, text
+    assert "CG not converged: raise iterations" in text
