@@ -27,6 +27,11 @@ class Unrolled(Engine):
     same number as without; the cost moves from time to memory (the step's graph
     lives until the sweep that uses it). Not for reads that are row-sparse tables
     (those fall back to the recomputation).
+
+    When the problem's update includes a hypergradient that a later problem's
+    hypergradient passes through, each step's direction is that whole update
+    (``RunRecord.gradient``, recomputed by ``mlo.nested``), so the third-order
+    terms are exact too; the kept step graph is then not used.
     """
 
     steps: int = 1
@@ -73,7 +78,8 @@ class Unrolled(Engine):
         records = site.records[-self.steps:]
         reads = site.bind(wrt)
         if start is not None:   # w_0 is the source's value itself: w_0 = θ
-            w = {k: reads[start][k] for k in records[0].params}
+            w = {k: reads[start][k] if reads[start][k].shape == v.shape else reads[start][k].expand(v.shape)
+                 for k, v in records[0].params.items()}   # a task-batched problem: every task starts at θ
         else:
             w = {k: v.detach() for k, v in records[0].params.items()}
         state = records[0].snapshot
