@@ -182,7 +182,8 @@ class Graph:
                              f"({', '.join(map(repr, diff[:5]))}{' ...' if len(diff) > 5 else ''})")
         for k, t in mine.items():
             o = theirs[k]
-            if t.shape != o.shape or t.dtype != o.dtype:
+            shape = o.shape if p.tasks is None or t.shape == o.shape else (p.tasks, *o.shape)
+            if t.shape != shape or t.dtype != o.dtype:
                 raise GraphError(f"problem {p.name!r} init_from={src.name!r}: parameter {k!r} is "
                                  f"{tuple(t.shape)} {t.dtype} here, {tuple(o.shape)} {o.dtype} in {src.name!r}")
 

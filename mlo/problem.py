@@ -78,6 +78,17 @@ class Problem:
             the mean of the objective over them, so the update direction is the
             mean of the k gradients. The step's record holds the k batches
             (an ``Accumulated`` tuple) and every engine re-evaluates that mean.
+        tasks: declares a task-batched problem: ``tasks`` independent copies of
+            one problem, every parameter stacked on a leading dimension of size
+            ``tasks``, every tensor of a batch too. ``objective(ctx, batch)`` is
+            written for one task: ``ctx[name]`` is that task's slice and ``batch``
+            its batch; it runs for all tasks at once under ``torch.func.vmap``
+            (``vectorize=False``: a loop over the tasks, for objectives vmap
+            cannot run, e.g. BatchNorm in training mode). The problem's loss is
+            the sum over tasks, so each task's gradient and step are its own.
+            ``init_from`` may name a problem with the unstacked shapes (every
+            task restarts from it). Not with ``grad_clip`` (a global norm would
+            couple the tasks), ``rows`` or ``ctx.log`` (dropped).
     """
 
     name: str
@@ -98,6 +109,8 @@ class Problem:
     init_from: str | None = None
     after_step: Callable[[Any], Any] | None = None
     accumulate: int = 1
+    tasks: int | None = None
+    vectorize: bool = True
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -133,6 +146,9 @@ class Problem:
         self.torch_scheduler = self.scheduler(self.torch_optimizer) if self.scheduler is not None else None
         self.sign = 1.0 if self.mode == "min" else -1.0
         self.stream = DataStream(self.data) if self.accumulate == 1 else AccumulatingStream(self.data, self.accumulate)
+        if self.tasks is not None:
+            self._check_tasks(where)
+            self.objective = _task_objective(self.objective, self.name, self.tasks, self.vectorize)
         if self.accumulate > 1:
             self.objective = _mean_objective(self.objective)
         if self.rows is not None:
@@ -166,11 +182,23 @@ class Problem:
             if self.rows is not None:
                 raise ConfigError(f"{where}: accumulate is not supported on a row-sparse problem (rows=...)")
 
+    def _check_tasks(self, where: str) -> None:
+        n = self.tasks
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ConfigError(f"{where}: tasks: expected an integer >= 1 or None, got {n!r}")
+        for k, p in self.params_tree.items():
+            if p.dim() == 0 or p.shape[0] != n:
+                raise ConfigError(f"{where}: tasks={n}: params[{k!r}] has shape {tuple(p.shape)}; every parameter "
+                                  f"needs a leading dimension of {n} (one slice per task)")
+        for field_name, bad in (("grad_clip", self.grad_clip is not None), ("rows", self.rows is not None)):
+            if bad:
+                raise ConfigError(f"{where}: tasks: not supported together with {field_name}")
+
     def reset_from(self, source: "Problem") -> None:
         """``init_from``: copy ``source``'s values into this problem's parameters, clear the optimizer state."""
         with torch.no_grad():
             for k, p in self.params_tree.items():
-                p.copy_(source.params_tree[k])
+                p.copy_(source.params_tree[k])      # broadcasts over a task-batched problem's tasks
         self.torch_optimizer.state.clear()
 
     def run_after_step(self) -> None:
@@ -247,6 +275,34 @@ def _mean_objective(objective: Objective) -> Objective:
         return total / len(batch)
     mean.__wrapped__ = objective
     return mean
+
+
+def _task_objective(objective: Objective, name: str, n: int, vectorize: bool) -> Objective:
+    """The sum over tasks of ``objective`` evaluated on each task's slice (``Problem.tasks``)."""
+    import copy
+
+    def per_task(ctx, own, batch):
+        sub = copy.copy(ctx)
+        sub._values = {**ctx._values, name: own}
+        sub.metrics = {}
+        return objective(sub, batch)
+
+    def total(ctx, batch):
+        own = ctx._values[name]
+        if vectorize:
+            dims = None if batch is None else 0
+            losses = torch.func.vmap(lambda o, b: per_task(ctx, o, b), in_dims=(0, dims),
+                                     randomness="different")(own, batch)
+            return losses.reshape(n, -1).sum()
+        from torch.utils._pytree import tree_map
+        out = None
+        for t in range(n):
+            loss = per_task(ctx, {k: v[t] for k, v in own.items()},
+                            tree_map(lambda x: x[t] if isinstance(x, Tensor) else x, batch))
+            out = loss if out is None else out + loss
+        return out
+    total.__wrapped__ = objective
+    return total
 
 
 @dataclass(frozen=True)

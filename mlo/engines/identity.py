@@ -39,4 +39,6 @@ class FOMAML(Engine):
     def vjp(self, site: RunRecord, u: Tree, wrt: list[str]) -> dict[str, Tree]:
         if site.init_from not in wrt:
             return {}
-        return {site.init_from: {k: v for k, v in u.items()}}
+        theta = site.reads[site.init_from]
+        # a task-batched problem (Problem.tasks): every task started at θ, so the tasks' adjoints add up
+        return {site.init_from: {k: v if v.shape == theta[k].shape else v.sum(0) for k, v in u.items()}}

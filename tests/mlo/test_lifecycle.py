@@ -270,3 +270,101 @@ def test_run_steps_counts_from_now_and_until_stops_at_a_total():
         with pytest.raises(ValueError, match=msg):
             runner.run(**kw)
     assert runner.step == 6
+
+
+# ----------------------------------------------------------------------- task-batched problems
+N_TASKS = 3
+
+
+def _tiny_net():
+    torch.manual_seed(3)
+    return torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).double()
+
+
+def _task_data():
+    g = torch.Generator().manual_seed(7)
+    xs, xq = torch.randn(N_TASKS, 6, 4, generator=g, dtype=F64), torch.randn(N_TASKS, 6, 4, generator=g, dtype=F64)
+    ys, yq = torch.randint(0, 2, (N_TASKS, 6), generator=g), torch.randint(0, 2, (N_TASKS, 6), generator=g)
+    return xs, ys, xq, yq
+
+
+def _ce(net, params, x, y):
+    return torch.nn.functional.cross_entropy(torch.func.functional_call(net, params, (x,)), y)
+
+
+def _meta_graphs(engine, lam=1.0, vectorize=True):
+    """The same meta-learning program twice: N separate task problems, and one task-batched problem."""
+    net, (xs, ys, xq, yq) = _tiny_net(), _task_data()
+    theta0 = {k: v.detach().clone() for k, v in net.named_parameters()}
+    sgd = lambda p: torch.optim.SGD(p, lr=0.3, momentum=0.5)    # noqa: E731
+
+    def prox(phi, theta):
+        return 0.5 * lam * sum(((phi[k] - theta[k]) ** 2).sum() for k in phi)
+
+    def one(t):
+        return lambda ctx, b: _ce(net, ctx[f"t{t}"], xs[t], ys[t]) + prox(ctx[f"t{t}"], ctx["meta"])
+
+    def meta_sep(ctx, b):
+        return sum(_ce(net, ctx[f"t{t}"], xq[t], yq[t]) for t in range(N_TASKS)) / N_TASKS
+
+    tasks = [mlo.Problem(f"t{t}", {k: torch.zeros_like(v, requires_grad=True) for k, v in theta0.items()}, one(t),
+                         sgd, steps=3, init_from="meta", engine=engine) for t in range(N_TASKS)]
+    meta = mlo.Problem("meta", {k: v.clone().requires_grad_(True) for k, v in theta0.items()}, meta_sep,
+                       lambda p: torch.optim.SGD(p, lr=0.1), reads=[f"t{t}" for t in range(N_TASKS)])
+    separate = mlo.Graph(tasks + [meta])
+
+    def task_objective(ctx, batch):        # written for one task
+        x, y = batch
+        return _ce(net, ctx["tasks"], x, y) + prox(ctx["tasks"], ctx["meta"])
+
+    def meta_batched(ctx, b):
+        per_task = torch.func.vmap(lambda p, x, y: _ce(net, p, x, y))(ctx["tasks"], xq, yq)
+        return per_task.mean()
+
+    stacked = {k: torch.zeros(N_TASKS, *v.shape, dtype=F64, requires_grad=True) for k, v in theta0.items()}
+    batched_tasks = mlo.Problem("tasks", stacked, task_objective, sgd, data=[(xs, ys)], steps=3, init_from="meta",
+                                engine=engine, tasks=N_TASKS, vectorize=vectorize)
+    meta_b = mlo.Problem("meta", {k: v.clone().requires_grad_(True) for k, v in theta0.items()}, meta_batched,
+                         lambda p: torch.optim.SGD(p, lr=0.1), reads=["tasks"])
+    return separate, mlo.Graph([batched_tasks, meta_b])
+
+
+@pytest.mark.parametrize("engine", [mlo.Unrolled(steps=3), mlo.CG(iterations=200, tol=1e-14), mlo.FOMAML()],
+                         ids=lambda e: type(e).__name__)
+def test_task_batched_problem_equals_separate_problems(engine):
+    separate, batched = _meta_graphs(engine)
+    a, b = mlo.hypergradient(separate, "meta")["hyper"], mlo.hypergradient(batched, "meta")["hyper"]
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=0, atol=1e-10), (k, (a[k] - b[k]).abs().max())
+        assert a[k].abs().max() > 1e-3
+    # a real outer step: the same meta-parameters, and every task's adapted slice equals its own problem's
+    mlo.Runner(separate, progress=False).run(steps=2)
+    mlo.Runner(batched, progress=False).run(steps=2)
+    for k in a:
+        assert torch.allclose(separate.problems["meta"].params_tree[k], batched.problems["meta"].params_tree[k],
+                              rtol=0, atol=1e-10)
+        for t in range(N_TASKS):
+            assert torch.allclose(separate.problems[f"t{t}"].params_tree[k],
+                                  batched.problems["tasks"].params_tree[k][t], rtol=0, atol=1e-10)
+
+
+def test_task_batched_loop_equals_vmap_and_checks():
+    _, vmapped = _meta_graphs(mlo.Unrolled(steps=3))
+    _, looped = _meta_graphs(mlo.Unrolled(steps=3), vectorize=False)
+    a, b = mlo.hypergradient(vmapped, "meta")["hyper"], mlo.hypergradient(looped, "meta")["hyper"]
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=0, atol=1e-12)
+    assert mlo.check_hypergradient(looped, "meta", directions=4).ok
+
+
+def test_task_batched_validation():
+    obj = lambda ctx, b: ctx["p"].sum()          # noqa: E731
+    sgd = lambda q: torch.optim.SGD(q, lr=0.1)  # noqa: E731
+    with pytest.raises(mlo.ConfigError, match="leading dimension of 3"):
+        mlo.Problem("p", torch.zeros(2, 4, requires_grad=True), obj, sgd, tasks=3)
+    with pytest.raises(mlo.ConfigError, match="grad_clip"):
+        mlo.Problem("p", torch.zeros(3, 4, requires_grad=True), obj, sgd, tasks=3, grad_clip=1.0)
+    meta = mlo.Problem("m", torch.zeros(5, requires_grad=True), lambda c, b: c["p"].sum(), sgd, reads=["p"])
+    with pytest.raises(mlo.GraphError, match=r"is \(3, 4\) torch.float\d+ here, \(5,\)"):
+        mlo.Graph([mlo.Problem("p", torch.zeros(3, 4, requires_grad=True), obj, sgd, tasks=3, init_from="m"), meta])
