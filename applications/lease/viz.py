@@ -12,42 +12,80 @@ import torch  # noqa: E402
 from .spaces import Genotype  # noqa: E402
 
 
+#: Radius of a node's disc in ``cell_layout`` units; every edge clears other nodes by at least ``CLEARANCE``.
+NODE_RADIUS = 0.2
+CLEARANCE = 0.3
+
+
+def cell_layout(steps: int) -> dict:
+    """Where ``_draw_cell`` puts the nodes of a cell with ``steps`` intermediate nodes: every node on one
+    circle, in the order c_{k-1}, c_{k-2}, node 0, ..., node steps-1, c_{k} (clockwise over the top from
+    the lower left), evenly spaced.
+
+    A straight line meets a circle in at most two points, so an edge (a chord) never runs through a node
+    other than its own two, and no two edges lie on one line; the radius grows with the node count so
+    that every chord stays ``CLEARANCE`` away from the nodes it passes (a chord skipping one node is the
+    closest: ``radius·(1 − cos θ)``, θ the spacing). Keys: 0 and 1 (the inputs), ``i + 2`` for
+    intermediate node i, ``"out"``."""
+    keys = [1, 0] + [i + 2 for i in range(steps)] + ["out"]
+    theta = 2 * np.pi / len(keys)
+    radius = max(1.4, CLEARANCE / (1 - np.cos(theta)))     # 1.4: an op's name fits between two neighbours
+    start = np.pi + theta / 2          # c_{k-1} just below the left, then clockwise
+    return {k: (radius * float(np.cos(start - i * theta)), radius * float(np.sin(start - i * theta)))
+            for i, k in enumerate(keys)}
+
+
+def cell_edges(edges, concat) -> list[tuple]:
+    """``(source, target, op or None)`` of every arrow ``_draw_cell`` draws (None: into the output)."""
+    return [(j, k // 2 + 2, op) for k, (op, j) in enumerate(edges)] + [(n, "out", None) for n in concat]
+
+
 def _draw_cell(ax, edges, concat, title: str) -> None:
-    """Inputs on the left, intermediate nodes in the middle, the output on the right."""
+    """The cell's nodes on a circle (``cell_layout``), an arrow per edge labelled with its op, dashed
+    arrows into the output."""
+    from matplotlib.patches import Circle
+
     steps = len(edges) // 2
-    pos = {0: (0.0, 0.75), 1: (0.0, 0.25)}
-    for i in range(steps):
-        pos[i + 2] = (0.35 + 0.45 * (i / max(steps - 1, 1)), 0.9 - 0.8 * (i / max(steps - 1, 1)))
-    pos["out"] = (1.1, 0.5)
+    pos = cell_layout(steps)
     labels = {0: "c_{k-2}", 1: "c_{k-1}", "out": "c_{k}"}
-    for (op, j), k in zip(edges, range(len(edges))):
-        node = k // 2 + 2
-        (x0, y0), (x1, y1) = pos[j], pos[node]
-        ax.annotate("", xy=(x1, y1), xytext=(x0, y0),
-                    arrowprops=dict(arrowstyle="->", color="tab:blue", lw=1.2, shrinkA=12, shrinkB=12))
-        ax.text((x0 + x1) / 2, (y0 + y1) / 2 + 0.02 * (1 if k % 2 else -1), op, fontsize=7, ha="center",
-                color="tab:blue", bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=0.5))
-    for node in concat:
-        (x0, y0), (x1, y1) = pos[node], pos["out"]
-        ax.annotate("", xy=(x1, y1), xytext=(x0, y0),
-                    arrowprops=dict(arrowstyle="->", color="0.6", lw=0.8, ls="--", shrinkA=12, shrinkB=12))
+    placed: list[np.ndarray] = []
+    for source, target, op in cell_edges(edges, concat):
+        p0, p1 = np.array(pos[source]), np.array(pos[target])
+        u = (p1 - p0) / np.linalg.norm(p1 - p0)
+        a, b = p0 + NODE_RADIUS * u, p1 - NODE_RADIUS * u
+        style = dict(arrowstyle="->", lw=1.2, color="tab:blue", shrinkA=0, shrinkB=0) if op is not None else \
+            dict(arrowstyle="->", lw=0.8, color="0.6", ls="--", shrinkA=0, shrinkB=0)
+        ax.annotate("", xy=tuple(b), xytext=tuple(a), arrowprops=style)
+        if op is None:
+            continue
+        # the label lies along its own edge, where it is farthest from the labels placed so far
+        spots = [a + t * (b - a) for t in (0.5, 0.38, 0.62)]      # clear of the arrow heads
+        spot = max(spots, key=lambda q: min((np.linalg.norm(q - o) for o in placed), default=np.inf))
+        placed.append(spot)
+        angle = float(np.degrees(np.arctan2(u[1], u[0])))
+        angle = angle - 180 if angle > 90 else angle + 180 if angle < -90 else angle     # upright text
+        ax.text(*spot, op, fontsize=7, ha="center", va="center", color="tab:blue", zorder=3, rotation=angle,
+                rotation_mode="anchor", bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=0.3))
     for key, (x, y) in pos.items():
         color = "lightgreen" if key in (0, 1) else ("khaki" if key == "out" else "lightblue")
+        ax.add_patch(Circle((x, y), NODE_RADIUS, facecolor=color, edgecolor="0.3", zorder=4))
         ax.text(x, y, labels.get(key, str(key - 2) if isinstance(key, int) else key), ha="center", va="center",
-                fontsize=9, bbox=dict(boxstyle="round", facecolor=color, edgecolor="0.3"))
-    ax.set_xlim(-0.15, 1.25)
-    ax.set_ylim(0.0, 1.0)
+                fontsize=8, zorder=5)
+    r = max(abs(v) for xy in pos.values() for v in xy) + NODE_RADIUS + 0.05
+    ax.set_xlim(-r, r)
+    ax.set_ylim(-r, r)
+    ax.set_aspect("equal")
     ax.set_title(title)
     ax.axis("off")
 
 
 def plot_genotype(genotype: Genotype, path: str) -> None:
     """The normal and the reduction cell side by side."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 6))
     _draw_cell(axes[0], genotype.normal, genotype.normal_concat, "normal cell")
     _draw_cell(axes[1], genotype.reduce, genotype.reduce_concat, "reduction cell")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
