@@ -329,7 +329,8 @@ def _meta_graphs(engine, lam=1.0, vectorize=True):
     return separate, mlo.Graph([batched_tasks, meta_b])
 
 
-@pytest.mark.parametrize("engine", [mlo.Unrolled(steps=3), mlo.CG(iterations=200, tol=1e-14), mlo.FOMAML()],
+@pytest.mark.parametrize("engine", [mlo.Unrolled(steps=3), mlo.CG(iterations=200, tol=1e-14),
+                                    mlo.Neumann(iterations=4), mlo.FOMAML()],
                          ids=lambda e: type(e).__name__)
 def test_task_batched_problem_equals_separate_problems(engine):
     separate, batched = _meta_graphs(engine)
@@ -368,3 +369,9 @@ def test_task_batched_validation():
     meta = mlo.Problem("m", torch.zeros(5, requires_grad=True), lambda c, b: c["p"].sum(), sgd, reads=["p"])
     with pytest.raises(mlo.GraphError, match=r"is \(3, 4\) torch.float\d+ here, \(5,\)"):
         mlo.Graph([mlo.Problem("p", torch.zeros(3, 4, requires_grad=True), obj, sgd, tasks=3, init_from="m"), meta])
+
+
+def test_task_batched_maml_step_equals_a_hand_written_torch_func_step():
+    """The benchmark's check: one MAML step on a conv net, vectorized = 2 separate problems = torch.func."""
+    from benchmarks import maml_batched
+    maml_batched.check(tasks=2)
