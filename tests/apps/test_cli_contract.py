@@ -1,6 +1,7 @@
 """Every command-line program keeps the same run-folder contract (applications/common/run_folder.py).
 
-Each program runs in a child process (tests/subproc.py) on a few steps:
+Each program runs in a child process (tests/subproc.py) on a few steps (what is refused before any
+work runs in this process):
 
 - a second run into a finished folder is refused with a one-line hint and leaves
   every file of the first run byte-identical; ``--overwrite`` starts over cleanly
@@ -77,14 +78,15 @@ def _one_error_line(stderr: str) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("module", PROGRAMS)
-def test_second_run_is_refused_and_overwrite_starts_over(module, tmp_path):
+def test_second_run_is_refused_and_overwrite_starts_over(module, tmp_path, capsys):
     out = str(tmp_path / "run")
     run_module(module, [*QUICK[module], "--out", out])
     first = _files(out)
     assert "config.yaml" in first and "result.json" in first
 
-    again = run_module(module, [*QUICK[module], "--out", out], expect=2)
-    line = _one_error_line(again.stderr)
+    code, _, err = _main(module, [*QUICK[module], "--out", out], capsys)     # refused before any work
+    assert code == 2
+    line = _one_error_line(err)
     assert "already holds a run" in line and f"--resume {out}" in line and "--overwrite" in line
     assert _files(out) == first                      # not one byte of the first run changed
 

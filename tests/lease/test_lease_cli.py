@@ -1,4 +1,5 @@
-"""`python -m applications.lease.search` end to end on a tiny digits config, in child processes."""
+"""`python -m applications.lease.search` end to end on a tiny digits config, in child processes (settings refused
+before any work: in this process)."""
 import csv
 import json
 import os
@@ -100,20 +101,31 @@ def test_resume_may_change_a_setting_and_saves_it_and_more_epochs_extend_a_finis
     assert json.loads(open(os.path.join(out, "result.json")).read())["genotype"] == json.loads(result)["genotype"]
 
 
-def test_unknown_config_key_fails_before_any_work(tmp_path):
-    r = _run(["--set", "space.channels=4", "--out", str(tmp_path / "x")], expect=2)
-    assert "space.channels" in r.stderr and "valid" in r.stderr.lower()
+def _refused(args, capsys) -> str:
+    """A setting refused before any work: ``main`` in this process (nothing is built, so no child is
+    needed) returns 2 and prints one line; returns that line."""
+    from applications.lease import search
+
+    capsys.readouterr()
+    assert search.main(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+def test_unknown_config_key_fails_before_any_work(tmp_path, capsys):
+    err = _refused(["--set", "space.channels=4", "--out", str(tmp_path / "x")], capsys)
+    assert "space.channels" in err and "valid" in err.lower()
     assert not os.path.exists(tmp_path / "x")
 
 
-def test_bad_value_type_names_the_field(tmp_path):
-    r = _run(["--set", "gamma=lots", "--out", str(tmp_path / "x")], expect=2)
-    assert "gamma" in r.stderr
+def test_bad_value_type_names_the_field(tmp_path, capsys):
+    assert "gamma" in _refused(["--set", "gamma=lots", "--out", str(tmp_path / "x")], capsys)
 
 
-def test_unknown_engine_is_rejected(tmp_path):
-    r = _run(["--set", "engines.explainer.name=magic", "--out", str(tmp_path / "x")], expect=2)
-    assert "magic" in r.stderr and "finite_difference" in r.stderr
+def test_unknown_engine_is_rejected(tmp_path, capsys):
+    err = _refused(["--set", "engines.explainer.name=magic", "--out", str(tmp_path / "x")], capsys)
+    assert "magic" in err and "finite_difference" in err
 
 
 PRESETS = sorted(f for f in os.listdir(os.path.join(ROOT, "applications", "lease", "configs"))
