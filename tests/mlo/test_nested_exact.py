@@ -52,14 +52,16 @@ def _val(X, y, m):
     return ((X @ m - y) ** 2).mean()
 
 
-def chain_graph(d, model_engine=None, weights_engine=None, model2_engine=None, steps=1, decay=0.0):
+def chain_graph(d, model_engine=None, weights_engine=None, model2_engine=None, steps=1, decay=0.0, **weights_kw):
     m, a, m2, rho = (d[k].clone().requires_grad_(True) for k in ("m0", "a0", "m20", "rho0"))
     sgd = lambda lr: (lambda p: torch.optim.SGD(p, lr=lr))   # noqa: E731
     model = mlo.Problem("model", m, lambda ctx, b: _train(d["X"], d["y"], ctx["model"], ctx["weights"], ctx["reg"]),
                         sgd(LR_M), reads=["weights", "reg"], engine=model_engine, steps=steps)
-    weights = mlo.Problem("weights", a, lambda ctx, b: _val(d["Xv"], d["yv"], ctx["model"]) + decay * (
-                          ctx["weights"] ** 2).sum(), sgd(LR_A),
-                          reads=["model"], engine=weights_engine)
+    sign = -1.0 if weights_kw.get("mode") == "max" else 1.0
+    weights_kw["steps"] = weights_kw.pop("steps_weights", 1)
+    weights = mlo.Problem("weights", a, lambda ctx, b: sign * (_val(d["Xv"], d["yv"], ctx["model"]) + decay * (
+                          ctx["weights"] ** 2).sum()), weights_kw.pop("optimizer", sgd(LR_A)),
+                          reads=["model"], engine=weights_engine, **weights_kw)
     model2 = mlo.Problem("model2", m2,
                          lambda ctx, b: _train(d["X"], d["y"], ctx["model2"], ctx["weights"], ctx["reg"]),
                          sgd(LR_M2), reads=["weights", "reg"], engine=model2_engine)
@@ -371,3 +373,29 @@ def test_dense_implicit_inside_the_nested_hypergradient_is_differentiated():
     a1 = a0 - LR_A * implicit_hyper(m1, rho)
     ref = _grad(_obj_after_model2(d, a1, rho), rho, create_graph=False)
     assert _rel(_hyper(graph, "reg"), ref) <= 1e-10
+
+
+# ---------------------------------------------------------------- more update rules, against a central difference
+def _composed_difference(make_graph, h=1e-5) -> torch.Tensor:
+    """d(reg's objective)/d rho of the step mlo really runs, by a central difference in rho."""
+    values = []
+    for sgn in (1.0, -1.0):
+        d = _chain_data(4)
+        d["rho0"] = d["rho0"] + sgn * h
+        values.append(mlo.Stepper(make_graph(d), nan_policy="off").direction("reg").loss)
+    return (values[0] - values[1]) / (2 * h)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(mode="max"),                                                   # the weights maximize −val
+    dict(grad_clip=0.02, decay=0.1),                                    # an active clip on the whole direction
+    dict(steps_w=2, optimizer=lambda p: torch.optim.Adam(p, lr=0.05)),  # two Adam steps, each with its hypergradient
+    dict(optimizer=lambda p: torch.optim.SGD(p, lr=LR_A, momentum=0.9, nesterov=True, weight_decay=0.01)),
+], ids=["max", "clip", "adam2", "nesterov"])
+def test_update_rules_of_the_nested_problem(kw):
+    def make(d):
+        k = dict(kw)
+        steps = k.pop("steps_w", 1)
+        return chain_graph(d, weights_engine=mlo.Unrolled(steps=steps), steps_weights=steps, **k)
+    got = _hyper(make(_chain_data(4)), "reg")
+    assert _rel(got, _composed_difference(make)) <= 1e-7
