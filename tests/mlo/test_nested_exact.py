@@ -399,3 +399,84 @@ def test_update_rules_of_the_nested_problem(kw):
         return chain_graph(d, weights_engine=mlo.Unrolled(steps=steps), steps_weights=steps, **k)
     got = _hyper(make(_chain_data(4)), "reg")
     assert _rel(got, _composed_difference(make)) <= 1e-7
+
+
+# ---------------------------------------------------------------- a hypergradient inside a hypergradient
+# inner (reads outer's value and reg) -> outer (reads inner: its update has a hypergradient; reads meta's
+# value) -> meta (reads outer: its hypergradient passes through outer's, which must be differentiated) ->
+# fit (reads meta and reg) -> reg (reads fit). reg's hypergradient goes through meta's update, whose
+# hypergradient goes through outer's update, whose hypergradient depends on reg through inner's step.
+LR = dict(inner=0.3, outer=0.4, meta=0.5, fit=0.3)
+
+
+def _deep_data(seed=5):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=D)   # noqa: E731
+    return dict(X=r(6, DIM), y=r(6), Xt=r(6, DIM), yt=r(6), target=r(DIM),
+                inner=0.3 * r(DIM), outer=0.3 * r(DIM), meta=0.3 * r(DIM), fit=0.3 * r(DIM), reg=torch.tensor(-0.3))
+
+
+def _f_inner(d, a, b, reg):
+    return ((a - b) ** 2).sum() + reg.exp() * (a * a).sum() + 0.1 * (a ** 3).sum()
+
+
+def _f_outer(d, b, a, m):
+    return ((d["X"] @ a - d["y"]) ** 2).mean() + 0.5 * ((b - m) ** 2).sum() + 0.1 * (b * a).sum()
+
+
+def _f_meta(d, m, b):
+    return ((b - d["target"]) ** 2).sum() + 0.2 * (m * m).sum() + 0.1 * (m * b).sum()
+
+
+def _f_fit(d, e, m, reg):
+    return ((e - m) ** 2).sum() + reg.exp() * (e * e).sum()
+
+
+def deep_graph(d):
+    v = {k: d[k].clone().requires_grad_(True) for k in ("inner", "outer", "meta", "fit", "reg")}
+    sgd = lambda lr: (lambda p: torch.optim.SGD(p, lr=lr))   # noqa: E731
+    P = mlo.Problem
+    return mlo.Graph([
+        P("inner", v["inner"], lambda c, b: _f_inner(d, c["inner"], c["outer"], c["reg"]), sgd(LR["inner"]),
+          reads=["outer", "reg"]),
+        P("outer", v["outer"], lambda c, b: _f_outer(d, c["outer"], c["inner"], c["meta"]), sgd(LR["outer"]),
+          reads=["inner", "meta"]),
+        P("meta", v["meta"], lambda c, b: _f_meta(d, c["meta"], c["outer"]), sgd(LR["meta"]), reads=["outer"]),
+        P("fit", v["fit"], lambda c, b: _f_fit(d, c["fit"], c["meta"], c["reg"]), sgd(LR["fit"]),
+          reads=["meta", "reg"]),
+        P("reg", v["reg"], lambda c, b: ((d["Xt"] @ c["fit"] - d["yt"]) ** 2).mean(), sgd(0.1), reads=["fit"]),
+    ])
+
+
+def deep_reference(d):
+    reg = d["reg"].clone().requires_grad_(True)
+
+    def inner_after(b, r):
+        a = d["inner"].clone().requires_grad_(True)
+        return a - LR["inner"] * _grad(_f_inner(d, a, b, r), a)
+
+    def outer_after(m):     # outer's update: the total derivative of its objective through inner's step
+        b = d["outer"].clone().requires_grad_(True)
+        a1 = inner_after(b, reg)
+        return b - LR["outer"] * _grad(_f_outer(d, b, a1, m), b)
+    m = d["meta"].clone().requires_grad_(True)
+    m1 = m - LR["meta"] * _grad(_f_meta(d, m, outer_after(m)), m)   # meta's update: through outer's whole step
+    e = d["fit"].clone().requires_grad_(True)
+    e1 = e - LR["fit"] * _grad(_f_fit(d, e, m1, reg), e)
+    return _grad(((d["Xt"] @ e1 - d["yt"]) ** 2).mean(), reg, create_graph=False)
+
+
+def test_a_hypergradient_inside_a_hypergradient_is_differentiated():
+    d = _deep_data()
+    graph = deep_graph(d)
+    assert graph.dropped_paths == []
+    assert {s.problem for s in graph.plans["meta"].sweep if s.nested} == {"outer"}
+    assert {s.problem for s in graph.plans["reg"].sweep if s.nested} == {"outer", "meta"}
+    assert _rel(_hyper(graph, "reg"), deep_reference(d)) <= 1e-10
+    mlo.Unrolled.exact_nested = False       # the same graph without the nested terms is measurably off
+    try:
+        with pytest.warns(UserWarning, match="not differentiated exactly"):
+            off = _hyper(deep_graph(d), "reg")
+    finally:
+        mlo.Unrolled.exact_nested = True
+    assert _rel(off, deep_reference(d)) > 1e-4
