@@ -185,7 +185,7 @@ def check_hypergradient(graph: Graph, name: str, batches: dict | None = None, ep
         implicit = any(isinstance(e.reference(), DenseImplicit) for _, _, e in edges)
         got, engine, engine_radius = None, None, None
         for j, r in enumerate(radii if approximate else radii[:1]):   # approximate engines: where they settle
-            out = _hypergradient(graph.with_engines(lambda e: e.limit(r)), name, fixed, premises=implicit)
+            out = _hypergradient(_replaced(graph, lambda e: e.limit(r)), name, fixed, premises=implicit)
             proj = project(out["total"])
             if engine is not None and _relative(engine, proj) <= tol / 4:
                 break
@@ -197,9 +197,9 @@ def check_hypergradient(graph: Graph, name: str, batches: dict | None = None, ep
         radius, smooth = None, True
         if implicit:
             reference = IMPLICIT
-            other = graph.with_engines(lambda e: references.FuncImplicit(e.reference().damping,
-                                                                         e.reference().max_params)
-                                       if isinstance(e.reference(), DenseImplicit) else e.reference())
+            other = _replaced(graph, lambda e: references.FuncImplicit(e.reference().damping,
+                                                                       e.reference().max_params)
+                              if isinstance(e.reference(), DenseImplicit) else e.reference())
             try:
                 numeric = project(_hypergradient(other, name, fixed)["total"])
             except ConfigError as e:
@@ -213,7 +213,7 @@ def check_hypergradient(graph: Graph, name: str, batches: dict | None = None, ep
                     cut.setdefault(q, set()).add(r)
             values_graph = graph    # no sweep before P: P's own sweep does not change its objective's value
             if not any(graph.plans[q].sweep for q in graph.order[: graph.index[name]]):
-                values_graph = graph.with_engines(lambda e: FirstOrder())
+                values_graph = _replaced(graph, lambda e: FirstOrder())
             f0, value = references.composition(values_graph, name, fixed, dirs, radii, got["constants"], cut)
             choice = references.choose(f0, value, dirs.shape[0], radii, tol, dirs.dtype)
             numeric, radius, smooth = choice.numeric.to(dirs.device), choice.radius, choice.smooth
@@ -225,6 +225,13 @@ def check_hypergradient(graph: Graph, name: str, batches: dict | None = None, ep
     if not report.ok:
         report.notes.extend(_dropped(graph, name))
     return report
+
+
+def _replaced(graph: Graph, fn) -> Graph:
+    """``graph.with_engines(fn)`` for the checker's own runs (the graph's warnings were given when it was built)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return graph.with_engines(fn)
 
 
 def _relative(got: torch.Tensor, want: torch.Tensor) -> float:

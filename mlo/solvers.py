@@ -48,7 +48,8 @@ def _relative(r: Tensor, b: Tensor) -> Tensor:
     return _safe_div(r, b)
 
 
-def cg(matvec: MatVec, b: Tree, *, iterations: int = 10, tol: float | None = None) -> tuple[Tree, SolveInfo]:
+def cg(matvec: MatVec, b: Tree, *, iterations: int = 10,
+       tol: float | None = None) -> tuple[Tree, SolveInfo]:
     """Conjugate gradient from ``x = 0``; ``tol`` stops once ``‖r‖ ≤ tol·‖b‖`` (a host read per iteration)."""
     x = {k: torch.zeros_like(t) for k, t in b.items()}
     r, p = dict(b), dict(b)
