@@ -24,9 +24,12 @@ def _study(out, *extra, **kw):
 
 
 @pytest.mark.slow
-def test_study_runs_end_to_end_skips_finished_and_resumes(tmp_path):
+def test_study_runs_end_to_end_skips_finished_and_resumes(tmp_path, capsys):
+    """Two runs at once (``--jobs 2``: each child one thread, as the tests' environment sets it)."""
+    from applications.lease import study as study_mod
+
     out = str(tmp_path / "study")
-    proc = _study(out)
+    proc = _study(out, "--jobs", "2")
     assert "3/3 runs done, 0 left" in proc.stderr
     summary = json.load(open(os.path.join(out, "study.json")))
     assert {"command", "rows", "paired", "chance", "evaluation_noise", "seeds", "eval_seeds", "methods"} <= set(summary)
@@ -47,10 +50,12 @@ def test_study_runs_end_to_end_skips_finished_and_resumes(tmp_path):
 
     # a second study into the folder is refused (one line, the --resume hint), nothing changes
     before = open(os.path.join(out, "study.json")).read()
-    again = _study(out, expect=2)
-    assert again.stderr.strip().splitlines() == [
+    capsys.readouterr()
+    assert study_mod.main(["--out", out, *FLAGS]) == 2          # refused before any work: in this process
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
         f"error: {out} already holds a run; continue it with --resume {out}, or start over with --overwrite "
-        "(removes it), or choose another --out"], again.stderr[-2000:]
+        "(removes it), or choose another --out"], err[-2000:]
     assert open(os.path.join(out, "study.json")).read() == before
 
     # --resume skips finished runs; a search without its result is resumed with --resume
