@@ -6,6 +6,8 @@ that reads a *later* problem reads its current value (a hyperparameter). From
 these two facts the graph derives, once, for every problem P: which earlier
 problems depend on P this step, and the reverse sweep that brings P's
 hypergradient back — each edge visited once, adjoints summed where paths meet.
+A problem whose own update includes a hypergradient also depends on what that
+hypergradient depends on (``mlo.nested``); the plans include it.
 """
 from __future__ import annotations
 
@@ -65,6 +67,11 @@ class Graph:
     names, duplicates, self-reads, problems nobody reads (unless named in
     ``allow_unread``, e.g. the last level of an ablation), and engines that the
     schedule cannot serve.
+
+    ``dropped_paths``: the paths along which a hypergradient is not exact because
+    an update that includes a hypergradient is differentiated by an approximate
+    engine (``mlo.nested.DroppedPath``; ``print(graph)`` lists them and building
+    the graph warns once); empty when the exact engines serve every such update.
     """
 
     def __init__(self, problems: Sequence[Problem], order: Sequence[str] | None = None,
