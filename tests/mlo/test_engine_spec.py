@@ -18,10 +18,19 @@ def test_name_gives_the_engines_own_defaults_and_round_trips(name):
 
 
 @pytest.mark.parametrize("engine", [mlo.Unrolled(steps=3), mlo.FiniteDifference(eps=0.05), mlo.FirstOrder(),
-                                    mlo.Neumann(iterations=4, alpha=0.2), mlo.CG(iterations=7, damping=0.1, tol=1e-8)])
+                                    mlo.Neumann(iterations=4, alpha=0.2), mlo.CG(iterations=7, damping=0.1, tol=1e-8),
+                                    mlo.MINRES(iterations=9, damping=0.5, tol=1e-7),
+                                    mlo.DenseImplicit(damping=0.2, max_params=100)])
 def test_every_field_round_trips(engine):
     assert from_config(to_config(engine)) == engine
     assert mlo.engine_from_config(engine) is engine        # an engine passes through unchanged
+
+
+def test_an_implicit_engine_with_a_function_solver_is_code_not_configuration():
+    engine = mlo.Implicit(solver=mlo.solvers.minres)
+    assert mlo.engine_from_config(engine) is engine
+    with pytest.raises(mlo.ConfigError, match="Implicit has no configuration name"):
+        to_config(engine)
 
 
 def test_cg_tol_is_settable_and_ints_are_accepted_for_floats():
