@@ -127,9 +127,10 @@ class Graph:
         rows.validate_engines(self)
         if self.dropped_paths:
             warnings.warn(f"mlo.Graph: {len(self.dropped_paths)} hypergradient path(s) not differentiated "
-                          "exactly (an update that includes a hypergradient, differentiated by an approximate "
-                          f"engine): {'; '.join(map(str, self.dropped_paths))}. Use Unrolled engines there "
-                          "for the exact value; the list is graph.dropped_paths", stacklevel=3)
+                          "exactly (an update that includes a hypergradient meets an approximate engine or a "
+                          f"row-sparse problem): {'; '.join(map(str, self.dropped_paths))}. Exact "
+                          "engines there (Unrolled, DenseImplicit) give the exact value; the list is "
+                          "graph.dropped_paths", stacklevel=3)
 
     # ------------------------------------------------------------- validation
     def _unknown(self, name: str, where: str) -> GraphError:
