@@ -1,6 +1,6 @@
 """Child-process driver for tests/lease/test_native_safety.py (not collected by pytest).
 
-    python tests/lease/native_shapes.py CASE DTYPE ITERATIONS
+    python tests/lease/native_shapes.py CASE DTYPE[,DTYPE...] ITERATIONS
 
 Runs forward + backward (inputs and weights, as the LeaSE engines do) of one of the
 project's own modules at the shapes where oneDNN's AVX2 stride-2 1x1 backward-data
@@ -55,4 +55,5 @@ def main(case: str, dtype: str, iterations: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    for name in sys.argv[2].split(","):      # one process for every dtype: each prints its own "ok" line
+        main(sys.argv[1], name, int(sys.argv[3]))
