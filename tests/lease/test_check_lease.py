@@ -1,6 +1,8 @@
-"""``mlo.check_hypergradient`` on the LeaSE graph (tiny supernet, float64): the explanation
-problem declares the architecture it uses as a constant, so the checker holds it fixed as the
-engines do, and the exact engines' four-level hypergradient agrees with the central difference."""
+"""``mlo.check_hypergradient`` on the LeaSE graph (tiny supernet, float64), with the checker's own
+radius and tolerance: the explanation problem declares the architecture it uses as a constant, so
+the checker holds it fixed as the engines do; the exact engines' four-level hypergradient agrees
+with the central differences of the composition (taken where it is smooth: the tiny ReLU/max-pool
+supernet is strongly curved and kinked at this scale); declared stop-gradients are held too."""
 import dataclasses
 import os
 import re
@@ -14,15 +16,11 @@ from applications.lease.config import SearchConfig
 
 from .tiny_graph import exact_config, tiny_lease_graph
 
-# the tiny ReLU/max-pool supernet is strongly curved at this scale: a small step keeps the
-# central difference's truncation error (and any kink it might cross) below the tolerance
-EPS, TOL = 1e-6, 1e-5
-
 
 def test_lease_graph_declares_the_architecture_as_a_constant_of_the_explanation():
     graph = tiny_lease_graph(exact_config("unrolled"))[0]
     assert graph.problems["explanation"].constants == ["architecture"]
-    report = mlo.check_hypergradient(graph, "architecture", directions=3, eps=EPS, tol=TOL)
+    report = mlo.check_hypergradient(graph, "architecture", directions=3)
     assert report.ok, str(report)
     assert report.reference == mlo.check.COMPOSITION and not report.notes
 
@@ -31,7 +29,7 @@ def test_without_the_declaration_the_checker_says_why_it_disagrees():
     graph = tiny_lease_graph(exact_config("unrolled"))[0]
     problems = [dataclasses.replace(p, constants=()) if p.name == "explanation" else p
                 for p in graph.problems.values()]
-    report = mlo.check_hypergradient(mlo.Graph(problems), "architecture", directions=3, eps=EPS, tol=TOL)
+    report = mlo.check_hypergradient(mlo.Graph(problems), "architecture", directions=3)
     assert not report.ok
     assert any("'explanation' uses the parameters of 'architecture' as constants" in n for n in report.notes)
 
@@ -43,10 +41,10 @@ def test_default_finite_difference_engines_check_ok_at_their_limit():
     graph = tiny_lease_graph(exact_config("finite_difference"))[0]
     assert {s.problem: e for s in graph.plans["architecture"].sweep for _, e in s.wrt} == {
         q: mlo.FiniteDifference(eps=0.01) for q in ("audience", "explanation", "explainer")}
-    report = mlo.check_hypergradient(graph, "architecture", directions=1, eps=EPS, tol=TOL)
+    report = mlo.check_hypergradient(graph, "architecture", directions=1)
     assert report.ok, str(report)
     assert report.reference == mlo.check.COMPOSITION and not report.notes
-    assert report.configured_error is not None and report.configured_error > 100 * TOL, str(report)
+    assert report.configured_error is not None and report.configured_error > 1e-3, str(report)
 
 
 DIGITS = os.path.join(os.path.dirname(__file__), "..", "..", "applications", "lease", "configs", "digits.yaml")
