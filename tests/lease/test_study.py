@@ -31,6 +31,8 @@ def test_study_runs_end_to_end_skips_finished_and_resumes(tmp_path, capsys):
     out = str(tmp_path / "study")
     proc = _study(out, "--jobs", "2")
     assert "3/3 runs done, 0 left" in proc.stderr
+    locks = [os.path.join(d, f) for d, _, files in os.walk(out) for f in files if f == ".run.lock"]
+    assert locks == []                   # a finished study, and every run it started, leaves no lock file
     summary = json.load(open(os.path.join(out, "study.json")))
     assert {"command", "rows", "paired", "chance", "evaluation_noise", "seeds", "eval_seeds", "methods"} <= set(summary)
     rows = {r["method"]: r for r in summary["rows"]}
