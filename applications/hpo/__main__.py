@@ -67,12 +67,13 @@ class EnginesConfig:
     first_order: dict[str, Any] = _fields()
 
     def validate(self) -> None:
+        sections = [name for name in mlo.ENGINES if name in self.__dataclass_fields__]
         for name in self.compare:
-            if name not in mlo.ENGINES:
-                raise ConfigError(f"engines.compare: unknown engine {name!r}; choose from {', '.join(mlo.ENGINES)}")
+            if name not in sections:
+                raise ConfigError(f"engines.compare: unknown engine {name!r}; choose from {', '.join(sections)}")
         if len(set(self.compare)) != len(self.compare):
             raise ConfigError(f"engines.compare: an engine is listed twice: {self.compare}")
-        for name in mlo.ENGINES:
+        for name in sections:     # the engines this program can use (an engine with no section cannot be listed)
             settings = getattr(self, name)
             if settings.get("name", name) != name:
                 raise ConfigError(f"engines.{name}.name: this section configures {name!r}; "
