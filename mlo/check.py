@@ -39,7 +39,6 @@ from .tree import clone
 
 COMPOSITION = "a central difference of the unrolled composition"
 IMPLICIT = "the implicit-function-theorem hypergradient (a dense Hessian from torch.func)"
-UNSOLVED, UNCONVERGED = 1e-3, 1e-6      # stationarity ratio / solver residual above which a hint is given
 
 
 class Batches(dict):
@@ -53,6 +52,8 @@ def draw_batches(graph: Graph, name: str) -> Batches:
 
 
 def _fixed_batches(graph: Graph, name: str, batches: dict | None) -> Batches:
+    if name not in graph.problems:
+        raise graph._unknown(name, "hypergradient")
     out = Batches()
     for q in graph.order[: graph.index[name] + 1]:
         p = graph.problems[q]
@@ -105,7 +106,7 @@ def _hypergradient(graph: Graph, name: str, fixed: dict, adjoints: bool = False,
         out["undeclared"] = {q: set(c) for q, c in stepper.undeclared_constants.items()}
         out["constants"] = {q: {c: clone(t) for c, t in cs.items()} for q, cs in stepper.constants_seen.items()}
         if premises:
-            out["premises"] = _premises(graph, stepper, saved, solves)
+            out["premises"] = references.premises(graph, stepper, saved, solves)
         return out
     finally:
         load_graph_state_dict(graph, saved, data=False, rng_state=True)
@@ -158,6 +159,11 @@ def check_hypergradient(graph: Graph, name: str, batches: dict | None = None, ep
     otherwise raises ``ConfigError``, or with ``allow_low_precision=True`` warns.
     Nothing in the graph changes, nor the global random generators.
     """
+    if name not in graph.problems:
+        raise graph._unknown(name, "check_hypergradient")
+    for key, v in (("eps", eps), ("tol", tol)):
+        if not (isinstance(v, (int, float)) and 0 < v < float("inf")):
+            raise ConfigError(f"check_hypergradient: {key}: expected a finite number > 0, got {v!r}")
     problem = graph.problems[name]
     low = sorted({str(t.dtype) for p in graph.problems.values() for t in p.params_tree.values()
                   if t.dtype != torch.float64})
@@ -240,27 +246,6 @@ def _replaced(graph: Graph, fn) -> Graph:
 
 def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).norm() / want.norm().clamp_min(1e-30))
-
-
-def _premises(graph: Graph, stepper: Stepper, saved: dict, solves: list) -> list[str]:
-    """The implicit engines' premises: each lower problem's stationarity, each solve's residual (with hints)."""
-    lines, seen = [], set()
-    for q, eng, info in solves:
-        if q not in seen and q in stepper.runs and q not in stepper.runs[q].rows:
-            seen.add(q)
-            with preserve_buffers(graph.modules()):
-                ratio = references.stationarity(stepper.runs[q], saved["problems"][q]["params"])
-            hint = "; inner problem not solved: use Unrolled or more steps" if ratio > UNSOLVED else ""
-            lines.append(f"problem {q!r}: ‖∇L(w')‖ is {ratio:.1e} of its value where its steps started{hint}")
-        kind = type(eng).__name__ if eng is not None else "solver"
-        res = float(info.residual)
-        hint = ""
-        if res > UNCONVERGED:
-            hint = (f"; {kind} not converged: raise iterations" if kind != "CG" else
-                    "; CG not converged: raise iterations (an indefinite Hessian needs damping or MINRES)")
-        lines.append(f"solve for {q!r}: {kind} residual ‖u − Hq‖/‖u‖ = {res:.1e} after {info.iterations} "
-                     f"iteration(s){hint}")
-    return lines
 
 
 def _notes(graph: Graph, name: str, edges, undeclared: dict, smallest: float) -> list[str]:

@@ -7,8 +7,8 @@
   radius it uses (``choose``).
 * ``FuncImplicit``: the implicit hypergradient from a dense Hessian and mixed
   Jacobian that ``torch.func`` builds from the lower objective itself.
-* ``stationarity``: how far a lower problem is from ``∇L = 0`` (the implicit
-  engines' premise).
+* ``stationarity`` / ``premises``: how far a lower problem is from ``∇L = 0``
+  and how well each solve converged (the implicit engines' premises).
 """
 from __future__ import annotations
 
@@ -218,3 +218,29 @@ def stationarity(run: RunRecord, start: Tree) -> float:
         w = {k: v.detach().clone().requires_grad_(True) for k, v in point.items()}
         return norm(grads(run.loss(w, run.bind([]), run.last), w))
     return float(gnorm(run.solution) / gnorm(start).clamp_min(torch.finfo(torch.float64).tiny))
+
+
+UNSOLVED, UNCONVERGED = 1e-3, 1e-6      # stationarity ratio / solver residual above which a hint is given
+
+
+def premises(graph, stepper: Stepper, saved: dict, solves: list) -> list[str]:
+    """The implicit engines' premises: each lower problem's stationarity, each solve's residual (with hints)."""
+    lines, seen = [], set()
+    for q, eng, info in solves:
+        if q not in seen and q in stepper.runs and q not in stepper.runs[q].rows:
+            seen.add(q)
+            run = stepper.runs[q]
+            start = saved["problems"][getattr(run, "init_from", None) or q]["params"]   # init_from: restarted
+            with preserve_buffers(graph.modules()):
+                ratio = stationarity(run, start)
+            hint = "; inner problem not solved: use Unrolled or more steps" if ratio > UNSOLVED else ""
+            lines.append(f"problem {q!r}: ‖∇L(w')‖ is {ratio:.1e} of its value where its steps started{hint}")
+        kind = type(eng).__name__ if eng is not None else "solver"
+        res = float(info.residual)
+        hint = ""
+        if res > UNCONVERGED:
+            hint = (f"; {kind} not converged: raise iterations" if kind != "CG" else
+                    "; CG not converged: raise iterations (an indefinite Hessian needs damping or MINRES)")
+        lines.append(f"solve for {q!r}: {kind} residual ‖u − Hq‖/‖u‖ = {res:.1e} after {info.iterations} "
+                     f"iteration(s){hint}")
+    return lines

@@ -224,3 +224,15 @@ def test_implicit_maml_on_a_few_inner_steps_gets_both_hints():
     text = str(report)
     assert text.count("inner problem not solved: use Unrolled or more steps") == 2, text
     assert "CG not converged: raise iterations" in text
+
+
+def test_bad_arguments_are_one_line_errors():
+    graph = _ridge(mlo.Unrolled(steps=3))
+    with pytest.raises(mlo.GraphError, match="unknown problem 'outr'; did you mean 'outer'"):
+        mlo.check_hypergradient(graph, "outr")
+    with pytest.raises(mlo.GraphError, match="unknown problem 'outr'"):
+        mlo.hypergradient(graph, "outr")
+    with pytest.raises(mlo.ConfigError, match="eps: expected a finite number > 0, got 0"):
+        mlo.check_hypergradient(graph, "outer", eps=0)
+    with pytest.raises(mlo.ConfigError, match="tol: expected a finite number > 0"):
+        mlo.check_hypergradient(graph, "outer", tol=float("nan"))
