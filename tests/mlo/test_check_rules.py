@@ -236,3 +236,18 @@ def test_bad_arguments_are_one_line_errors():
         mlo.check_hypergradient(graph, "outer", eps=0)
     with pytest.raises(mlo.ConfigError, match="tol: expected a finite number > 0"):
         mlo.check_hypergradient(graph, "outer", tol=float("nan"))
+
+
+@pytest.mark.parametrize("where", ["mixed_vjp", "hvp"])
+def test_a_bug_in_the_engines_own_products_does_not_pass(where, monkeypatch):
+    """The implicit reference does not share the engines' Hessian and mixed products: scale one of
+    them wrongly and the check of a converged CG says MISMATCH."""
+    graph = _ridge(mlo.CG(iterations=30), steps=400)
+    assert mlo.check_hypergradient(graph, "outer").ok
+    import mlo.engines.implicit as implicit
+    right = getattr(implicit, where)
+    monkeypatch.setattr(implicit, where, lambda *a: {k: (1.5 * v if isinstance(v, torch.Tensor) else
+                                                         {kk: 1.5 * vv for kk, vv in v.items()})
+                                                     for k, v in right(*a).items()})
+    report = mlo.check_hypergradient(graph, "outer")
+    assert not report.ok and report.rel_error > 0.2, str(report)
