@@ -35,6 +35,10 @@ def test_readme_example_checks_ok_in_float64(tmp_path, monkeypatch):
     assert mlo.check_hypergradient(unrolled, "hyper").ok
     assert not torch.allclose(mlo.hypergradient(graph, "hyper")["total"],
                               mlo.hypergradient(unrolled, "hyper")["total"], rtol=1e-3)
+    # the premises are in the report: five steps do not solve the lower problem; Neumann(20) has not converged
+    assert any("inner problem not solved: use Unrolled or more steps" in p for p in report.premises), str(report)
+    neumann = mlo.check_hypergradient(graph.with_engines(lambda e: mlo.Neumann(iterations=20)), "hyper")
+    assert not neumann.ok and "Neumann not converged: raise iterations" in str(neumann), str(neumann)
 
 
 def _ridge(engine, dtype=torch.float64, n=6, steps=3):
