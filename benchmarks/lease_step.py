@@ -91,8 +91,8 @@ class TimedEngine(mlo.Engine):
         return self.inner.passes_adjoint
 
     @property
-    def keeps_step_graph(self):  # type: ignore[override]
-        return self.inner.keeps_step_graph
+    def reuse_step_graph(self):
+        return getattr(self.inner, "reuse_step_graph", False)
 
     def reference(self) -> mlo.Engine:
         return self.inner.reference()

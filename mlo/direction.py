@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from torch import Tensor
 
+from .engines.base import StepGraph
 from .tree import Tree
 
 
@@ -26,4 +26,4 @@ class Direction:
     metrics: dict[str, Tensor]
     adjoints: dict[str, Tree] = field(default_factory=dict)
     checks: list = field(default_factory=list)
-    kept_graph: Any = None     # (∇ with its graph, read leaves) when an edge engine reuses the step's graph
+    step_graph: StepGraph | None = None   # the gradient with its graph, kept for Unrolled(reuse_step_graph=True)

@@ -25,3 +25,8 @@ class NonFiniteError(MLOError, FloatingPointError):
         self.problem = problem
         self.edge = edge
         self.step = step
+
+
+class InputTypeError(MLOError, TypeError):
+    """A value handed to mlo has the wrong type (an objective that returns no scalar tensor,
+    row numbers that are not integers)."""

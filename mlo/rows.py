@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError, MLOError
-from .tree import Tree, add_
+from .errors import ConfigError, InputTypeError, MLOError
+from .tree import Tree, add_, detach
 
 
 @dataclass(frozen=True, eq=False)
@@ -35,7 +35,7 @@ class Rows:
             return self.local
         t = torch.as_tensor(idx, device=self.index.device)
         if t.is_floating_point() or t.dtype == torch.bool:
-            raise TypeError(f"a row-sparse table is indexed by integer row numbers, got {t.dtype}")
+            raise InputTypeError(f"a row-sparse table is indexed by integer row numbers, got {t.dtype}")
         flat = t.reshape(-1).long()
         pos = torch.searchsorted(self.index, flat).clamp_(max=max(self.index.numel() - 1, 0))
         if flat.numel() and (self.index.numel() == 0 or not bool((self.index[pos] == flat).all())):
@@ -143,40 +143,18 @@ def batch_rows(graph, problem, batch) -> dict[str, Rows]:
     return out
 
 
-# --------------------------------------------------------------------- the stepper's hooks
-def bind_step(problem, rmap: dict, constants: dict) -> tuple[Tree, dict]:
-    """A real step's own values (fresh leaves for the batch's rows when ``problem`` is
-    row-sparse) and its constants (row-sparse ones gathered at the batch's rows)."""
-    own = problem.params_tree
-    if problem.name in rmap:
-        own = gather(own, rmap[problem.name], requires_grad=True)
-    return own, {c: gather(t, rmap[c]) if c in rmap else t for c, t in constants.items()}
-
-
-def tag(name: str, direct: Tree, adjoints: dict, rmap: dict) -> tuple[Tree, dict]:
-    """Mark the real step's gradient and adjoint seeds of row-sparse problems with their rows."""
-    if name in rmap:
-        direct = RowTree(direct, rmap[name])
-    return direct, {r: RowTree(t, rmap[r]) if r in rmap else t for r, t in adjoints.items()}
-
-
-def record_parts(problem, own: Rows, total: Tree, keep: int):
-    """``(params, snapshot, grad)`` of a row-sparse problem's step record: its batch's rows only."""
-    if not keep:
-        return None, None, None
-    return gather(problem.params_tree, own), snapshot(problem, own), project(total, own)
-
-
-def run_rows(problem, records: list, reads: dict, constants: dict) -> tuple[dict, dict, dict]:
-    """``(rows, reads, constants)`` of a run record: the problem's own rows are those of its last
-    step; a row-sparse read or constant is gathered at the rows any kept step named."""
+# --------------------------------------------------------------------- the run record
+def run_rows(problem, records: list, reads: dict, constants: dict) -> tuple[dict, dict, dict, Tree]:
+    """``(rows, reads, constants, solution)`` of a run record: the problem's own rows are those of
+    its last step; a row-sparse read or constant is gathered at the rows any kept step named."""
     names = {n for rec in records for n in rec.rows}
     if not names:
-        return {}, reads, constants
+        return {}, reads, constants, detach(problem.params_tree)
     rows = {n: records[-1].rows[n] if n == problem.name else union([rec.rows[n] for rec in records])
             for n in names}
     pick = lambda vals: {n: gather(t, rows[n]) if n in rows else t for n, t in vals.items()}  # noqa: E731
-    return rows, pick(reads), pick(constants)
+    own = gather(problem.params_tree, rows[problem.name]) if problem.name in rows else detach(problem.params_tree)
+    return rows, pick(reads), pick(constants), own
 
 
 # --------------------------------------------------------------------- the update
@@ -216,25 +194,6 @@ def _sgd_rows(opt, group: dict, p: Tensor, rows: Tensor, g: Tensor) -> None:
         full[rows] = buf
         d = d.add(buf, alpha=mu) if group["nesterov"] else buf
     p[rows] = w.add(d, alpha=-float(group["lr"]))
-
-
-def snapshot(problem, rows: Rows):
-    """The optimizer snapshot the engines differentiate, for the rows ``rows`` only (SGD)."""
-    from .updates import Snapshot
-    opt = problem.torch_optimizer
-    group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
-    hyper, state = {}, {}
-    for key, p in problem.params_tree.items():
-        g = group_of[id(p)]
-        hyper[key] = {k: g[k] for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")}
-        hyper[key]["lr"] = float(hyper[key]["lr"])
-        buf = opt.state.get(p, {}).get("momentum_buffer")
-        if g["momentum"]:   # lazy momentum: an unvisited row's buffer is zero
-            state[key] = {"buf": buf[rows.index].clone() if buf is not None else p.new_zeros(
-                (rows.index.numel(), *p.shape[1:]))}
-        else:
-            state[key] = {}
-    return Snapshot("sgd", hyper, state, None)
 
 
 # --------------------------------------------------------------------- validation

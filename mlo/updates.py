@@ -43,9 +43,13 @@ def check_supported(optimizer: torch.optim.Optimizer, where: str) -> None:
                           f"got {name}. Use one of those optimizers or an implicit / first-order engine.")
 
 
-def snapshot(optimizer: torch.optim.Optimizer, params: Tree, clip: float | None) -> Snapshot:
-    """Copy what ``U`` needs, taken before ``optimizer.step()`` changes it."""
-    kind = "sgd" if type(optimizer).__name__ == "SGD" else "adam"
+def snapshot(optimizer: torch.optim.Optimizer, params: Tree, clip: float | None, rows=None) -> Snapshot:
+    """Copy what ``U`` needs, taken before ``optimizer.step()`` changes it.
+
+    ``rows`` (a ``mlo.rows.Rows``, SGD only): the state of those rows of a row-sparse table;
+    with momentum, a row never visited has a zero buffer (lazy momentum).
+    """
+    kind = "sgd" if rows is not None or type(optimizer).__name__ == "SGD" else "adam"
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     hyper, state = {}, {}
     for key, p in params.items():
@@ -54,7 +58,13 @@ def snapshot(optimizer: torch.optim.Optimizer, params: Tree, clip: float | None)
         if kind == "sgd":
             hyper[key] = {k: g[k] for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")}
             buf = st.get("momentum_buffer")
-            state[key] = {} if buf is None else {"buf": buf.detach().clone()}
+            if rows is None:
+                state[key] = {} if buf is None else {"buf": buf.detach().clone()}
+            elif g["momentum"]:
+                state[key] = {"buf": buf[rows.index].clone() if buf is not None else p.new_zeros(
+                    (rows.index.numel(), *p.shape[1:]))}
+            else:
+                state[key] = {}
         else:
             decoupled = type(optimizer).__name__ == "AdamW" or g.get("decoupled_weight_decay", False)
             hyper[key] = {k: g[k] for k in ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")}

@@ -30,8 +30,25 @@ class StepRecord:
     snapshot: updates.Snapshot | None
     grad: Tree | None = None         # the update direction the step used (before clipping), if kept
     rows: dict = field(default_factory=dict)   # {row-sparse problem: the mlo.rows.Rows this batch named}
-    # (∇_w loss with its graph, {read: leaves}) of this step, kept for an engine with ``keeps_step_graph``
-    graph: Any = None
+    #: this step's gradient with its graph, when the ``Stepper`` kept it for an edge
+    #: ``Unrolled(reuse_step_graph=True)`` (the last step of a run, reads that are not row-sparse)
+    step_graph: "StepGraph | None" = None
+
+
+@dataclass
+class StepGraph:
+    """A gradient whose autograd graph is kept for further products, and the leaves it was taken at.
+
+    ``grad``: ``∇_w loss`` (or a whole update direction, ``RunRecord.gradient``) with its graph;
+    ``reads``: ``{read: leaves}`` it depends on (mixed products ``Mᵀq``); ``params``: the
+    parameter leaves (Hessian-vector products; ``None`` for a real step's graph);
+    ``create_graph``: the products keep their own graph too (``mlo.nested``).
+    """
+
+    grad: Tree
+    reads: dict[str, Tree]
+    params: Tree | None = None
+    create_graph: bool = False
 
 
 @dataclass
@@ -104,8 +121,6 @@ class Engine(abc.ABC):
     needs_records: int = 0
     #: whether this engine propagates an adjoint to the reads (False: the edge is cut)
     passes_adjoint: bool = True
-    #: whether the problem's real (last) step must keep its gradient's graph for this engine
-    keeps_step_graph: bool = False
     #: whether the VJP stays exact when the problem's update includes a hypergradient: it differentiates
     #: ``RunRecord.gradient`` (hypergradient included) and, in a ``differentiable`` record, keeps the
     #: graph of its result (``mlo.nested``). False: that term is dropped, and ``Graph`` names the paths
@@ -131,14 +146,14 @@ class Engine(abc.ABC):
         return self
 
 
-def mixed_vjp(site: RunRecord, q: Tree, wrt: list[str], grad_graph) -> dict[str, Tree]:
-    """``Mᵀ q = ∂/∂R ⟨∇_w loss(w, R), q⟩`` from a ``grad_with_graph`` result (double backward)."""
-    gw, reads = grad_graph
+def mixed_vjp(site: RunRecord, q: Tree, wrt: list[str], graph: StepGraph) -> dict[str, Tree]:
+    """``Mᵀ q = ∂/∂R ⟨∇_w loss(w, R), q⟩`` from a ``StepGraph`` (double backward)."""
+    gw, reads = graph.grad, graph.reads
     targets = {f"{r}\0{k}": v for r in wrt for k, v in reads[r].items()}
     keys = list(gw)
     flat = torch.autograd.grad([gw[k] for k in keys], list(targets.values()),
                                grad_outputs=[q[k] for k in keys], allow_unused=True,
-                               materialize_grads=True, retain_graph=True, create_graph=grad_graph.create_graph)
+                               materialize_grads=True, retain_graph=True, create_graph=graph.create_graph)
     out: dict[str, Tree] = {r: {} for r in wrt}
     for name, g in zip(targets, flat):
         r, k = name.split("\0", 1)
@@ -146,30 +161,20 @@ def mixed_vjp(site: RunRecord, q: Tree, wrt: list[str], grad_graph) -> dict[str,
     return out
 
 
-def grad_with_graph(site: RunRecord, point: Tree, record: StepRecord, wrt: list[str]):
+def grad_with_graph(site: RunRecord, point: Tree, record: StepRecord, wrt: list[str]) -> StepGraph:
     """``∇_w loss`` at ``point`` with a graph kept for further differentiation (``site.gradient``:
     the whole update direction when it includes a hypergradient; in a ``differentiable`` record,
     ``point`` and the reads keep their graph and so do the products taken from this one)."""
     keep = site.differentiable
     w = {k: v if keep and v.requires_grad else v.detach().requires_grad_(True) for k, v in point.items()}
     reads = site.bind(wrt)
-    return _GradGraph(site.gradient(w, reads, record), reads, w, keep)
+    return StepGraph(site.gradient(w, reads, record), reads, w, keep)
 
 
-class _GradGraph(tuple):
-    """(∇_w loss, read leaves) plus the parameter leaves, for HVPs."""
-
-    def __new__(cls, gw, reads, w, create_graph: bool = False):
-        obj = super().__new__(cls, (gw, reads))
-        obj.w = w
-        obj.create_graph = create_graph
-        return obj
-
-
-def hvp(graph: "_GradGraph", v: Tree) -> Tree:
+def hvp(graph: StepGraph, v: Tree) -> Tree:
     """Hessian-vector product ``H v`` reusing one gradient graph (``Jᵀv`` for the Jacobian ``J`` of a
     whole update direction, which need not be symmetric)."""
-    gw, w = graph[0], graph.w
+    gw, w = graph.grad, graph.params
     keys = list(gw)
     hv = torch.autograd.grad([gw[k] for k in keys], [w[k] for k in keys], grad_outputs=[v[k] for k in keys],
                              retain_graph=True, allow_unused=True, materialize_grads=True,

@@ -8,7 +8,7 @@ import torch
 from .. import updates
 from ..errors import ConfigError, GraphError
 from ..tree import Tree
-from .base import Engine, RunRecord, check_int
+from .base import Engine, RunRecord, StepGraph, check_int
 
 
 @dataclass(frozen=True)
@@ -21,8 +21,8 @@ class Unrolled(Engine):
     gradient clipping). ``steps=K`` reverses through the problem's last K steps
     (it must take at least K steps per run); memory grows as O(K).
 
-    ``reuse_step_graph=True`` (one step only): the problem's real step keeps the
-    graph of its gradient (``create_graph``), and this edge's VJP is a double
+    ``reuse_step_graph=True`` (one step only): the ``Stepper`` keeps the graph of
+    the problem's real step's gradient (``create_graph``), and this edge's VJP is a double
     backward through it — no second forward and backward of the objective. The
     same number as without; the cost moves from time to memory (the step's graph
     lives until the sweep that uses it). Not for reads that are row-sparse tables
@@ -51,10 +51,6 @@ class Unrolled(Engine):
             raise ConfigError(f"Unrolled.reuse_step_graph: needs steps=1 (the real step's graph is one step), "
                               f"got steps={self.steps}")
 
-    @property
-    def keeps_step_graph(self) -> bool:
-        return self.reuse_step_graph
-
     def reference(self) -> Engine:
         return Unrolled(steps=self.steps)
 
@@ -71,9 +67,9 @@ class Unrolled(Engine):
     def vjp(self, site: RunRecord, u: Tree, wrt: list[str]) -> dict[str, Tree]:
         start = site.init_from if (site.init_from in wrt and site.from_start
                                    and len(site.records) == self.steps) else None
-        kept = site.last.graph
+        kept = site.last.step_graph
         if self.reuse_step_graph and kept is not None and start is None and site.direction is None \
-                and not site.differentiable and all(r in kept[1] for r in wrt):
+                and not site.differentiable and all(r in kept.reads for r in wrt):
             return _through_step_graph(site.last, kept, u, wrt)
         records = site.records[-self.steps:]
         reads = site.bind(wrt)
@@ -101,9 +97,9 @@ class Unrolled(Engine):
         return out
 
 
-def _through_step_graph(rec, kept, u: Tree, wrt: list[str]) -> dict[str, Tree]:
+def _through_step_graph(rec, kept: StepGraph, u: Tree, wrt: list[str]) -> dict[str, Tree]:
     """``(∂g/∂R)ᵀ (∂U/∂g)ᵀ u`` by a double backward through the real step's gradient graph."""
-    g, reads = kept
+    g, reads = kept.grad, kept.reads
     w = {k: t.detach() for k, t in rec.params.items()}
     v = updates.grad_vjp(rec.snapshot, w, {k: t.detach() for k, t in g.items()}, u)
     keys = list(g)

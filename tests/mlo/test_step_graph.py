@@ -78,5 +78,12 @@ def test_config_and_refusals():
         mlo.engine_from_config({"name": "unrolled", "reuse_step_graph": "yes"})
     with pytest.raises(mlo.ConfigError, match="needs steps=1"):
         mlo.Unrolled(steps=2, reuse_step_graph=True)
-    assert REUSE.reference() == mlo.Unrolled(steps=1) and REUSE.keeps_step_graph
-    assert not mlo.Unrolled().keeps_step_graph and not mlo.FiniteDifference().keeps_step_graph
+    assert REUSE.reference() == mlo.Unrolled(steps=1)
+
+
+@pytest.mark.parametrize("engine, kept", [(REUSE, True), (mlo.Unrolled(), False), (mlo.FiniteDifference(), False)])
+def test_the_stepper_keeps_a_step_graph_only_for_reuse_edges(engine, kept):
+    """The Stepper decides what to keep (the engine interface has no say): a reuse edge only."""
+    stepper = mlo.Stepper(chain(engine, engine, engine))
+    stepper.direction("A")
+    assert [stepper.runs[p].last.step_graph is not None for p in ("E", "D", "W")] == [kept] * 3
