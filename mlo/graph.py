@@ -19,10 +19,10 @@ from typing import Sequence
 
 from torch import nn
 
-from . import nested, rows
-from .engines import Engine, FiniteDifference, Unrolled
+from . import graph_checks as checks, nested, rows
+from .engines import Engine, Unrolled
 from .errors import GraphError
-from .problem import Problem, SameBatch
+from .problem import Problem
 
 
 @dataclass(frozen=True)
@@ -42,21 +42,6 @@ class Plan:
 
     upstream: tuple[str, ...]     # reads of P whose updated value depends on P (adjoint seeds)
     sweep: tuple[SweepStep, ...]  # reverse execution order
-
-
-def init_path(engine: Engine) -> str | None:
-    """How ``engine`` differentiates a start value reset from the read (``Problem.init_from``).
-
-    An engine says so with an ``init_path`` attribute: ``"exact"`` (``Unrolled``:
-    through the steps from the reset), ``"identity"`` (``FOMAML``). Any other
-    engine takes the start value as a constant (``"ignored"``; right for the
-    implicit engines, whose answer does not depend on where the run started),
-    except ``FiniteDifference``, which cannot differentiate it and is refused (None).
-    """
-    path = getattr(engine, "init_path", None)
-    if path is None and not isinstance(engine, FiniteDifference):
-        return "ignored"
-    return path
 
 
 class Graph:
@@ -89,7 +74,7 @@ class Graph:
         self.problems: dict[str, Problem] = {p.name: p for p in problems}
         self.order: list[str] = list(order) if order is not None else names
         self.allow_unread = set(allow_unread)
-        self._validate()
+        checks.problems(self)
         self.index = {n: i for i, n in enumerate(self.order)}
         self.engines = {(q, r): self._engine(q, r) for q in self.order for r in self.problems[q].reads}
         # serves what a problem's hypergradient depends on beyond its reads (mlo.nested)
@@ -137,63 +122,6 @@ class Graph:
         close = difflib.get_close_matches(name, list(self.problems), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else f"; known problems: {', '.join(self.problems)}"
         return GraphError(f"{where}: unknown problem {name!r}{hint}")
-
-    def _validate(self) -> None:
-        for n in self.order:
-            if n not in self.problems:
-                raise self._unknown(n, "Graph order")
-        missing = [n for n in self.problems if n not in self.order]
-        if missing or len(self.order) != len(set(self.order)):
-            raise GraphError(f"Graph order must list every problem exactly once; got {self.order}, "
-                             f"problems {list(self.problems)}")
-        for p in self.problems.values():
-            for r in p.reads:
-                if r not in self.problems:
-                    raise self._unknown(r, f"problem {p.name!r} reads")
-                if r == p.name:
-                    raise GraphError(f"problem {p.name!r} reads itself; its own parameters are always in scope")
-            if isinstance(p.data, SameBatch):
-                src = p.data.source
-                if src not in self.problems:
-                    raise self._unknown(src, f"problem {p.name!r} data=SameBatch")
-                if self.order.index(src) >= self.order.index(p.name):
-                    raise GraphError(f"problem {p.name!r} uses SameBatch({src!r}), but {src!r} does not run "
-                                     "before it in the order, so it has no batch to share yet")
-            for c in p.constants:
-                if c not in self.problems:
-                    raise self._unknown(c, f"problem {p.name!r} constants")
-                if c == p.name:
-                    raise GraphError(f"problem {p.name!r} names itself in constants; its own parameters are "
-                                     "what it optimizes")
-            if p.init_from is not None:
-                self._validate_init(p)
-            for r in p.edge_engines:
-                if r not in p.reads:
-                    raise GraphError(f"problem {p.name!r}: edge_engines names {r!r}, which it does not read")
-        if len(self.problems) > 1:
-            read = {r for p in self.problems.values() for r in p.reads}
-            unread = [n for n in self.order if n not in read and n not in self.allow_unread]
-            if unread:
-                raise GraphError(f"problem(s) {', '.join(map(repr, unread))} are read by no objective: "
-                                 "they do not influence any other problem; add them to some Problem.reads, "
-                                 "run them separately, or name them in Graph(allow_unread=...)")
-
-    def _validate_init(self, p: Problem) -> None:
-        """``Problem.init_from``: the source exists and has the same parameter names, shapes and dtypes."""
-        src = self.problems.get(p.init_from)
-        if src is None:
-            raise self._unknown(p.init_from, f"problem {p.name!r} init_from")
-        mine, theirs = p.params_tree, src.params_tree
-        if set(mine) != set(theirs):
-            diff = sorted(set(mine) ^ set(theirs))
-            raise GraphError(f"problem {p.name!r} init_from={src.name!r}: the parameter names differ "
-                             f"({', '.join(map(repr, diff[:5]))}{' ...' if len(diff) > 5 else ''})")
-        for k, t in mine.items():
-            o = theirs[k]
-            shape = o.shape if p.tasks is None or t.shape == o.shape else (p.tasks, *o.shape)
-            if t.shape != shape or t.dtype != o.dtype:
-                raise GraphError(f"problem {p.name!r} init_from={src.name!r}: parameter {k!r} is "
-                                 f"{tuple(t.shape)} {t.dtype} here, {tuple(o.shape)} {o.dtype} in {src.name!r}")
 
     def _engine(self, q: str, r: str | None) -> Engine:
         p = self.problems[q]
@@ -271,20 +199,8 @@ class Graph:
         return Plan(upstream, tuple(kept)), nested.paths(p, edges, links, ends) if links else []
 
     def validate_engines(self) -> None:
-        for (q, r), eng in self.engines.items():
-            if q in self.differentiated:
-                eng.validate_for(self.problems[q], f"problem {q!r}, edge {q}->{r}")
-                if r == self.problems[q].init_from and eng.passes_adjoint and init_path(eng) is None:
-                    raise GraphError(f"problem {q!r}, edge {q}->{r}: {type(eng).__name__} cannot differentiate "
-                                     f"a start value reset from {r!r} (init_from); use Unrolled (exact), "
-                                     "FOMAML (identity), an implicit engine (CG, Neumann: the start does not "
-                                     "matter) or FirstOrder")
-        for plan in self.plans.values():    # engines serving a hypergradient's inputs (mlo.nested)
-            for s in plan.sweep:
-                for r, eng in s.wrt:
-                    if r not in self.problems[s.problem].reads:
-                        eng.validate_for(self.problems[s.problem], f"problem {s.problem!r} (its hypergradient's "
-                                         f"dependence on {r!r})")
+        """Raise ``ConfigError``/``GraphError`` if an engine cannot serve its edge (``mlo.graph_checks``)."""
+        checks.engines(self)
 
     def with_engines(self, replace) -> "Graph":
         """A copy of this graph (same problems) with every edge engine ``e`` replaced by ``replace(e)``."""
