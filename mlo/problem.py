@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError
+from .errors import ConfigError, MLOError
 from .streams import Accumulated, AccumulatingStream, DataStream, SameBatch, mean_objective  # noqa: F401
 from .tree import Tree
 
@@ -275,8 +275,14 @@ def _task_objective(objective: Objective, name: str, n: int, vectorize: bool) ->
         own = ctx._values[name]
         if vectorize:
             dims = None if batch is None else 0
-            losses = torch.func.vmap(lambda o, b: per_task(ctx, o, b), in_dims=(0, dims),
-                                     randomness="different")(own, batch)
+            try:
+                losses = torch.func.vmap(lambda o, b: per_task(ctx, o, b), in_dims=(0, dims),
+                                         randomness="different")(own, batch)
+            except RuntimeError as e:
+                raise MLOError(f"problem {name!r}: its objective failed under torch.func.vmap ({e}). If it runs "
+                               "for one task outside vmap, it does something vmap cannot batch (BatchNorm "
+                               "updating its running statistics, .item(), control flow on values): declare "
+                               "Problem(..., vectorize=False) to evaluate the tasks in a loop") from e
             return losses.reshape(n, -1).sum()
         from torch.utils._pytree import tree_map
         out = None

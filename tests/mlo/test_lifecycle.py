@@ -375,3 +375,32 @@ def test_task_batched_maml_step_equals_a_hand_written_torch_func_step():
     """The benchmark's check: one MAML step on a conv net, vectorized = 2 separate problems = torch.func."""
     from benchmarks import maml_batched
     maml_batched.check(tasks=2)
+
+
+def test_task_batched_batchnorm_needs_the_loop():
+    """BatchNorm in training mode updates its statistics in place: vmap cannot batch it; the loop can."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2)).double()
+    xs, ys = torch.randn(2, 5, 4, dtype=F64), torch.randint(0, 2, (2, 5))
+
+    def graph(vectorize):
+        theta = {k: v.detach().clone().requires_grad_(True) for k, v in net.named_parameters()}
+        stacked = {k: torch.zeros(2, *v.shape, dtype=F64, requires_grad=True) for k, v in theta.items()}
+        tasks = mlo.Problem("tasks", stacked, lambda ctx, b: _ce(net, ctx["tasks"], *b),
+                            lambda p: torch.optim.SGD(p, lr=0.1), data=[(xs, ys)], init_from="meta", tasks=2,
+                            vectorize=vectorize, engine=mlo.Unrolled())
+        meta = mlo.Problem("meta", theta, lambda ctx, b: sum((v ** 2).sum() for v in ctx["tasks"].values()),
+                           lambda p: torch.optim.SGD(p, lr=0.1), reads=["tasks"])
+        return mlo.Graph([tasks, meta])
+    with pytest.raises(mlo.MLOError, match="vectorize=False"):
+        mlo.Stepper(graph(True)).step()
+    looped = graph(False)
+    mlo.Stepper(looped).step()
+    assert all(torch.isfinite(v).all() for v in looped.problems["meta"].params_tree.values())
+
+
+def test_unrolled_reusing_the_step_graph_falls_back_through_the_reset():
+    graph, data = _maml(mlo.Unrolled(steps=1, reuse_step_graph=True), steps=1, lam=0.4)
+    theta = graph.problems["meta"].params_tree[""]
+    got = _t(mlo.hypergradient(graph, "meta")["hyper"])
+    assert torch.allclose(got, _hand_maml(theta, data, 1, 0.1, lam=0.4), rtol=0, atol=1e-13)
