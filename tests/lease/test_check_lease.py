@@ -92,3 +92,13 @@ def test_a_detached_target_variant_checks_ok():
     full = mlo.hypergradient(graph, "architecture")["total"]
     cut = mlo.hypergradient(variant, "architecture")["total"]
     assert max(float((full[k] - cut[k]).abs().max()) for k in full) > 1e-8   # the stop-gradient changes it
+
+
+def test_pgd_explanations_check_ok_with_their_cut_edge_named():
+    """PGD explanations take FirstOrder on the explanation edge: the reference cuts it too (the
+    row-sparse bank's steps see the explainer's unperturbed value), and the note says so."""
+    graph = tiny_lease_graph(exact_config("unrolled", **{"explain.method": "pgd", "explain.pgd_steps": 2}))[0]
+    report = mlo.check_hypergradient(graph, "architecture", directions=3)
+    assert report.ok, str(report)
+    assert [n.split(":")[0] for n in report.notes] == ["edge explanation->explainer"]
+    assert "FirstOrder drops the path through it; the reference drops it too" in report.notes[0]
