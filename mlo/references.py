@@ -122,7 +122,7 @@ def composition(graph, name: str, fixed: dict, dirs: torch.Tensor, radii: list[f
 @dataclass
 class Choice:
     numeric: torch.Tensor        # the directional derivatives
-    radius: float                # the largest radius any direction needed (the smallest it could use)
+    radius: float                # the smallest radius any direction used
     smooth: bool                 # False: some direction is non-smooth at every radius tried
 
 
