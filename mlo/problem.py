@@ -11,7 +11,8 @@ from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError, MLOError
+from .errors import ConfigError
+from .tasks import task_objective
 from .streams import Accumulated, AccumulatingStream, DataStream, SameBatch, mean_objective  # noqa: F401
 from .tree import Tree
 
@@ -148,7 +149,7 @@ class Problem:
         self.stream = DataStream(self.data) if self.accumulate == 1 else AccumulatingStream(self.data, self.accumulate)
         if self.tasks is not None:
             self._check_tasks(where)
-            self.objective = _task_objective(self.objective, self.name, self.tasks, self.vectorize)
+            self.objective = task_objective(self.objective, self.name, self.tasks, self.vectorize)
         if self.accumulate > 1:
             self.objective = mean_objective(self.objective)
         if self.rows is not None:
@@ -259,37 +260,3 @@ def _normalize_params(params, where: str) -> tuple[Tree, str]:
             raise ConfigError(f"{where}: params[{k!r}]: must be floating point, got {p.dtype}")
         p.requires_grad_(True)
     return tree, kind
-
-
-def _task_objective(objective: Objective, name: str, n: int, vectorize: bool) -> Objective:
-    """The sum over tasks of ``objective`` evaluated on each task's slice (``Problem.tasks``)."""
-    import copy
-
-    def per_task(ctx, own, batch):
-        sub = copy.copy(ctx)
-        sub._values = {**ctx._values, name: own}
-        sub.metrics = {}
-        return objective(sub, batch)
-
-    def total(ctx, batch):
-        own = ctx._values[name]
-        if vectorize:
-            dims = None if batch is None else 0
-            try:
-                losses = torch.func.vmap(lambda o, b: per_task(ctx, o, b), in_dims=(0, dims),
-                                         randomness="different")(own, batch)
-            except RuntimeError as e:
-                raise MLOError(f"problem {name!r}: its objective failed under torch.func.vmap ({e}). If it runs "
-                               "for one task outside vmap, it does something vmap cannot batch (BatchNorm "
-                               "updating its running statistics, .item(), control flow on values): declare "
-                               "Problem(..., vectorize=False) to evaluate the tasks in a loop") from e
-            return losses.reshape(n, -1).sum()
-        from torch.utils._pytree import tree_map
-        out = None
-        for t in range(n):
-            loss = per_task(ctx, {k: v[t] for k, v in own.items()},
-                            tree_map(lambda x: x[t] if isinstance(x, Tensor) else x, batch))
-            out = loss if out is None else out + loss
-        return out
-    total.__wrapped__ = objective
-    return total
