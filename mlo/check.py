@@ -257,15 +257,14 @@ def _notes(graph: Graph, name: str, edges, undeclared: dict, smallest: float) ->
                          f"(Problem.constants): the central difference moves them, the engines do not")
     for q, r, e in edges:
         steps, ref = graph.problems[q].steps, e.reference()
-        if isinstance(e, Unrolled) and e.steps < steps:
-            notes.append(f"edge {q}->{r}: Unrolled(steps={e.steps}) differentiates only the last {e.steps} of "
-                         f"the {steps} steps problem {q!r} takes")
+        exactish = isinstance(e, Unrolled) or e.limit(smallest) != e     # Unrolled, FiniteDifference, wrappers
+        if isinstance(ref, Unrolled) and ref.steps < steps and exactish:
+            what = f"Unrolled(steps={ref.steps})" if isinstance(e, Unrolled) else type(e).__name__
+            notes.append(f"edge {q}->{r}: {what} differentiates only the last {ref.steps} of the {steps} steps "
+                         f"problem {q!r} takes")
         elif isinstance(ref, DenseImplicit) and ref.damping:
             notes.append(f"edge {q}->{r}: the reference solves the damped system (H + {ref.damping}·I), "
                          "as the engine does")
-        elif isinstance(ref, Unrolled) and ref.steps < steps and e != ref:
-            notes.append(f"edge {q}->{r}: {type(e).__name__} differentiates only the last of the {steps} steps "
-                         f"problem {q!r} takes")
         if type(ref) is not type(e) and not isinstance(ref, DenseImplicit) and e.limit(smallest) == e:
             notes.append(f"edge {q}->{r}: {type(e).__name__} approximates {ref} but has no limit(); "
                          "it is judged as configured")
