@@ -162,6 +162,13 @@ class _LimitedWrapper(_Wrapped):
         return _LimitedWrapper(self.inner.limit(radius))
 
 
+class _ReferenceOnly(_Wrapped):
+    """A wrapper that says what it approximates but not how to move it to its limit."""
+
+    def reference(self):
+        return self.inner.reference()
+
+
 def test_a_wrapped_finite_difference_is_judged_like_finite_difference():
     fd = mlo.FiniteDifference(eps=0.5)
     plain = mlo.check_hypergradient(_curved(fd), "outer")
@@ -170,7 +177,9 @@ def test_a_wrapped_finite_difference_is_judged_like_finite_difference():
     assert wrapped.configured_error == pytest.approx(plain.configured_error) and plain.configured_error > 1e-4
     bare = mlo.check_hypergradient(_curved(_Wrapped(fd)), "outer")     # no limit(): judged as configured
     assert not bare.ok and bare.rel_error == pytest.approx(plain.configured_error)
-    assert any("_Wrapped approximates Unrolled(steps=1" in n and "no limit()" in n for n in bare.notes)
+    half = mlo.check_hypergradient(_curved(_ReferenceOnly(fd)), "outer")   # says what it approximates: noted
+    assert not half.ok and any("_ReferenceOnly approximates Unrolled(steps=1" in n and "no limit()" in n
+                               for n in half.notes), str(half)
     three = mlo.check_hypergradient(_ridge(_LimitedWrapper(fd), steps=3), "outer")   # noted like FD itself
     assert any("_LimitedWrapper differentiates only the last 1 of the 3 steps" in n for n in three.notes), str(three)
 
