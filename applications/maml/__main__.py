@@ -16,6 +16,8 @@ fine-tuned on each test task), ``maml`` (``engines.maml``, default
 ``Unrolled(steps=inner.steps)``), ``imaml`` (``engines.imaml``, default CG, with
 the proximal term ``imaml_lam``), ``fomaml`` (``engines.fomaml``). Test-time
 adaptation is the inner loop: ``inner.steps`` SGD steps at ``inner.lr``.
+``task_batched=true`` declares the meta-batch as one task-batched problem
+instead of ``meta_batch`` problems (the same hypergradients, vectorized).
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ class MAMLConfig:
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     outer_steps: int = 300           # meta-training steps of each meta-learner
     meta_batch: int = 4              # tasks per meta-training step (one problem each)
+    task_batched: bool = False       # the meta-batch as one task-batched problem (Problem(tasks=...), vmap)
     meta_lr: float = 0.001           # Adam on the meta-parameters θ
     imaml_lam: float = 1.0           # iMAML's proximal weight λ (training and test-time adaptation)
     hidden: int = 32                 # two hidden layers of this width
@@ -142,8 +145,9 @@ def run(r: Run) -> dict:
                                          d.n_query, seed)
                 batches = [flat[i:i + cfg.meta_batch] for i in range(0, len(flat), cfg.meta_batch)]
                 engine = cfg.engines.make("maml" if method == "scratch" else method)
-                graph, net = problems.build_meta_graph(engine, batches, data.features, cfg.hidden, d.n_way,
-                                                       inner.lr, inner.steps, cfg.meta_lr, lam)
+                build = problems.build_batched_meta_graph if cfg.task_batched else problems.build_meta_graph
+                graph, net = build(engine, batches, data.features, cfg.hidden, d.n_way, inner.lr, inner.steps,
+                                   cfg.meta_lr, lam)
                 steps, fresh_head = (0 if method == "scratch" else cfg.outer_steps), False
             template = problems.make_net(data.features, cfg.hidden, d.n_way).to(device)
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
+from torch.func import functional_call, vmap
 
 import mlo
 from applications import digits
@@ -112,6 +112,32 @@ def build_meta_graph(engine: mlo.Engine, meta_batches: list[list[Episode]], feat
     meta = mlo.Problem("meta", meta_net, meta_objective, lambda p: torch.optim.Adam(p, lr=meta_lr),
                        data=mlo.SameBatch("task0"), reads=[f"task{t}" for t in range(size)])
     return mlo.Graph(tasks + [meta]), meta_net
+
+
+def build_batched_meta_graph(engine: mlo.Engine, meta_batches: list[list[Episode]], features: int, hidden: int,
+                             n_way: int, inner_lr: float, inner_steps: int, meta_lr: float, lam: float = 0.0):
+    """``build_meta_graph`` with the B tasks as one task-batched problem (``Problem(tasks=B)``, vmapped)."""
+    meta_net = make_net(features, hidden, n_way)
+    size = len(meta_batches[0])
+    stacked_batches = [tuple(torch.stack(part) for part in zip(*mb)) for mb in meta_batches]
+    stacked = {k: torch.zeros(size, *v.shape, device=v.device, requires_grad=True)
+               for k, v in meta_net.named_parameters()}
+
+    def task_objective(ctx, batch):             # one task: ctx["tasks"] is its slice
+        xs, ys, _, _ = batch
+        loss = F.cross_entropy(functional_call(meta_net, ctx["tasks"], (xs,)), ys)
+        return loss + 0.5 * lam * _prox(ctx["tasks"], ctx["meta"]) if lam else loss
+
+    def meta_objective(ctx, batch):
+        _, _, xq, yq = batch
+        losses = vmap(lambda p, x, y: F.cross_entropy(functional_call(meta_net, p, (x,)), y))(ctx["tasks"], xq, yq)
+        return losses.mean()
+
+    tasks = mlo.Problem("tasks", stacked, task_objective, lambda p: torch.optim.SGD(p, lr=inner_lr),
+                        data=stacked_batches, steps=inner_steps, init_from="meta", engine=engine, tasks=size)
+    meta = mlo.Problem("meta", meta_net, meta_objective, lambda p: torch.optim.Adam(p, lr=meta_lr),
+                       data=mlo.SameBatch("tasks"), reads=["tasks"])
+    return mlo.Graph([tasks, meta]), meta_net
 
 
 def build_pretrain_graph(data: Data, features: int, hidden: int, lr: float, batch_size: int, steps: int,

@@ -92,3 +92,24 @@ def test_bad_config_is_one_line_before_running(tmp_path, capsys):
 
 def test_doc_shows_the_current_declaration():
     doc_code_is_current("maml.md")
+
+
+@pytest.mark.parametrize("engine", [mlo.Unrolled(steps=2), mlo.CG(iterations=300, tol=1e-14)],
+                         ids=lambda e: type(e).__name__)
+def test_task_batched_graph_equals_the_separate_problems(engine):
+    data = problems.load_data([6, 7, 8, 9])
+    eps = problems.episodes(data.train, 3, n_way=3, k_shot=2, n_query=3, seed=0)
+    eps = [tuple(t.double() if t.is_floating_point() else t for t in e) for e in eps]
+    out = []
+    for build in (problems.build_meta_graph, problems.build_batched_meta_graph):
+        torch.manual_seed(0)
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)       # the networks and the stacked parameters in float64
+        try:
+            graph, _ = build(engine, [eps], data.features, 8, 3, inner_lr=0.3, inner_steps=2, meta_lr=0.01, lam=0.5)
+        finally:
+            torch.set_default_dtype(old)
+        out.append(mlo.hypergradient(graph, "meta")["hyper"])
+    for k in out[0]:
+        assert out[0][k].dtype == torch.float64 and out[0][k].abs().max() > 1e-4, k
+        assert torch.allclose(out[0][k], out[1][k], rtol=0, atol=1e-10), k
