@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from . import rng, rows as rowsmod
+from . import rng, rows as rowsmod, stepplan
 from .binding import Binding, read_values_of
 from .context import Context
 from .direction import Direction
@@ -67,12 +67,7 @@ class Stepper:
         self.runs: dict[str, RunRecord] = {}
         self.constants_seen: dict[str, dict[str, Tree]] = {}
         self.undeclared_constants: dict[str, set[str]] = defaultdict(set)
-        self._sparse = any(p.rows is not None for p in graph.problems.values())
-        # the Stepper keeps a problem's last real step's gradient graph for the reads whose edge
-        # is Unrolled(reuse_step_graph=True): that edge's VJP is then a double backward through it
-        self._keep_graph = {q: [r for r in graph.problems[q].reads
-                                if getattr(graph.engines[(q, r)], "reuse_step_graph", False)]
-                            for q in graph.differentiated}
+        self._plan = stepplan.compile(graph)   # compiled again if the graph is re-planned
 
     # ---------------------------------------------------------------- public
     @property
@@ -101,32 +96,37 @@ class Stepper:
     def _run(self, skip, stop_at: str | None = None, keep_adjoints: bool = False):
         self.runs = {}
         metrics: dict[str, dict[str, Tensor]] = {}
+        if self._plan.source is not self.graph.plans:
+            self._plan = stepplan.compile(self.graph)
+        sparse = self._plan.sparse
         for name in self.graph.order:
             if name in skip:
                 continue
-            problem = self.graph.problems[name]
+            problem, plan = self.graph.problems[name], self._plan.problems[name]
             if problem.init_from is not None:   # φ ← θ before the problem runs (Problem.init_from)
                 problem.reset_from(self.graph.problems[problem.init_from])
-            keep = self.graph.records_needed.get(name, 0)
-            recorded = name in self.graph.differentiated
+            keep, recorded = plan.keep, plan.recorded
             records: list[StepRecord] = []
-            read_values = read_values_of(self.graph, problem, problem.reads, copy_later=recorded)
-            constants = {**read_values_of(self.graph, problem, problem.constants, copy_later=recorded),
-                         **self.held.get(name, {})}
+            read_values = read_values_of(self.graph, problem, problem.reads, copy_later=recorded) \
+                if recorded else None
+            constants = read_values_of(self.graph, problem, problem.constants, copy_later=recorded) \
+                if problem.constants else {}
+            if name in self.held:
+                constants = {**constants, **self.held[name]}
             self.constants_seen[name] = constants
             for k in range(problem.steps):
                 batch = self._next_batch(problem, k)
-                binding = Binding.of(self.graph, problem, batch, self._sparse)
-                state = rng.capture_torch()
-                kept = binding.keeps(self._keep_graph.get(name, ())) if k == problem.steps - 1 else []
-                d = self._direction(binding, batch, constants, keep_adjoints, kept)
+                binding = Binding.of(self.graph, problem, batch, sparse)
+                state = rng.capture_torch() if recorded else None   # replayed by the engines
+                kept = binding.keeps(plan.kept_reads) if k == problem.steps - 1 and plan.kept_reads else []
+                d = self._direction(binding, plan, batch, constants, keep_adjoints, kept)
                 if name == stop_at:
                     return d
                 if recorded:
                     params, snap, grad = binding.record(d.total, keep)
                     records.append(StepRecord(params, batch, state, snap, grad, binding.rows, d.step_graph))
                     del records[:-max(keep, 1)]
-                lr = float(problem.torch_optimizer.param_groups[0]["lr"])
+                    lr = float(problem.torch_optimizer.param_groups[0]["lr"])
                 self._apply(binding, d)
                 metrics[name] = d.metrics
             if recorded:
@@ -143,16 +143,15 @@ class Stepper:
             return problem.stream.share(self.graph.problems[problem.data.source].stream.last)
         return problem.stream.next()
 
-    def _direction(self, binding: Binding, batch, constants: dict[str, Tree], keep_adjoints: bool,
-                   kept: list[str]) -> Direction:
+    def _direction(self, binding: Binding, plan: stepplan.ProblemPlan, batch, constants: dict[str, Tree],
+                   keep_adjoints: bool, kept: list[str]) -> Direction:
         """Total gradient of P's signed objective: direct part + hypergradient.
 
         ``kept`` names reads whose edge reuses this step's gradient graph: the gradient
         keeps its graph (``Direction.step_graph``) and the update works on copies.
         """
         problem = binding.problem
-        plan = self.graph.plans[problem.name]
-        own, values, leaves = binding.bind(self.graph, constants, plan.upstream, kept)
+        own, values, leaves = binding.bind(self.graph, constants, plan.seeds, kept)
         ctx = Context(self.graph, problem, values, step=self.step_count, real_step=True, rows=binding.rows or None)
         objective = problem.objective(ctx, batch)
         if not isinstance(objective, Tensor) or objective.numel() != 1:
@@ -167,7 +166,7 @@ class Stepper:
         check = self.nan_policy != "off"
         checks = [("objective", None, torch.isfinite(loss)), ("gradient", None, all_finite(direct))] if check else []
         seen: dict[str, Tree] = {}
-        hyper = sweep(self, problem, plan, adjoints, checks, seen if keep_adjoints else None, direct) \
+        hyper = sweep(self, problem, plan.sweep, adjoints, checks, seen if keep_adjoints else None, direct) \
             if plan.sweep else None
         total_ = total(problem, direct, hyper, checks, self.reduce_fn, check)
         m = {"loss": objective.detach().reshape(()), "grad_norm": norm(direct)}

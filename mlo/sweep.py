@@ -46,40 +46,51 @@ def seeds(loss: Tensor, own: Tree, leaves: dict[str, Tree], kept: dict[str, Tree
     return direct, adjoints, step_graph
 
 
-def sweep(stepper, problem, plan, adjoints: dict[str, Tree], checks: list, seen: dict | None, direct: Tree) -> Tree:
-    """Reverse accumulation: each edge's VJP once, adjoints summed per problem; returns what
-    reaches ``problem`` (its hypergradient). Appends a finiteness check per edge to ``checks``
-    (unless the stepper's NaN policy is off) and, with ``seen``, records each adjoint."""
+def sweep(stepper, problem, calls, adjoints: dict[str, Tree], checks: list, seen: dict | None, direct: Tree) -> Tree:
+    """Reverse accumulation along ``calls`` (a ``stepplan.SweepCall`` per problem of the sweep): each
+    edge's VJP once, adjoints summed per problem; returns what reaches ``problem`` (its hypergradient).
+    Appends a finiteness check per edge to ``checks`` (unless the stepper's NaN policy is off) and,
+    with ``seen``, records each adjoint."""
     graph, runs, hyper = stepper.graph, stepper.runs, None
-    with preserve_buffers(graph.modules()):
-        for s in plan.sweep:
+    check = stepper.nan_policy != "off"
+    with preserve_buffers(stepper._plan.modules):
+        for s in calls:
             u = adjoints.pop(s.problem, None)
             if u is None:
                 continue
             if seen is not None:
                 seen[s.problem] = rowsmod.like(u, detach(u))
             run = runs[s.problem]
-            if s.problem in run.rows:   # a row-sparse problem's edges see the rows its step updated
+            if run.rows and s.problem in run.rows:   # a row-sparse problem's edges see the rows its step updated
                 u = rowsmod.project(u, run.rows[s.problem])
-            groups: dict[Any, list[str]] = {}
-            for r, eng in s.wrt:
-                groups.setdefault(eng, []).append(r)
-            for eng, reads in groups.items():
-                stepper.vjp_calls[f"{s.problem}->{','.join(reads)}"] += 1
-                site = nested.site(graph, runs, s.problem) if s.nested and eng.exact_nested else run
-                out = eng.vjp(site, u, reads)
-                for r, contrib in out.items():
-                    if r in run.rows:
+            for call in s.calls:
+                stepper.vjp_calls[call.label] += 1
+                site = nested.site(graph, runs, s.problem) if call.nested else run
+                for r, contrib in call.engine.vjp(site, u, call.reads).items():
+                    if run.rows and r in run.rows:
                         contrib = rowsmod.RowTree(contrib, run.rows[r])
-                    if stepper.nan_policy != "off":
+                    if check:
                         checks.append(("hypergradient", f"{s.problem}->{r}", all_finite(contrib)))
                     if r == problem.name:
-                        hyper = rowsmod.add(hyper, contrib)
+                        hyper = _plus(hyper, contrib)
                     else:
-                        adjoints[r] = rowsmod.add(adjoints.get(r), contrib)
+                        adjoints[r] = _plus(adjoints.get(r), contrib)
     if hyper is None:
         hyper = rowsmod.like(direct, {k: torch.zeros_like(v) for k, v in direct.items()})
     return hyper
+
+
+def _plus(acc: Tree | None, tree: Tree) -> Tree:
+    """``acc + tree``; ``tree`` itself when there is no ``acc`` yet (a dense one is then never
+    changed in place: a second contribution makes a new sum), row trees through ``rows.add``."""
+    if isinstance(tree, rowsmod.RowTree) or isinstance(acc, rowsmod.RowTree):
+        return rowsmod.add(acc, tree)
+    if acc is None:
+        return tree
+    out = dict(acc)
+    for k, v in tree.items():
+        out[k] = acc[k] + v
+    return out
 
 
 def total(problem, direct: Tree, hyper: Tree | None, checks: list, reduce_fn, check: bool) -> Tree:

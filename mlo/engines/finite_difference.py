@@ -50,12 +50,11 @@ class FiniteDifference(Engine):
         targets = [reads[r][k] for r, k in names]
         shared = SharedCalls(rec.batch, site.name)  # calls that do not see w run once
         keys = list(w)
+        ws, step = [w[k] for k in keys], torch._foreach_mul([v[k] for k in keys], scale)
         diff: list | None = None
         cot: list = []
-        for sgn in (1.0, -1.0):
-            step = torch._foreach_mul([v[k] for k in keys], sgn * scale)
-            point = dict(zip(keys, torch._foreach_add([w[k] for k in keys], step)))
-            loss = site.loss(point, reads, rec, shared=shared)
+        for sgn, point in ((1.0, torch._foreach_add(ws, step)), (-1.0, torch._foreach_sub(ws, step))):
+            loss = site.loss(dict(zip(keys, point)), reads, rec, shared=shared)
             cut = list(shared.leaves)
             gs = torch.autograd.grad(loss, targets + cut, allow_unused=True, materialize_grads=True) \
                 if loss.requires_grad else [torch.zeros_like(t) for t in targets + cut]
