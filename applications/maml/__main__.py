@@ -6,6 +6,7 @@ Examples::
     python -m applications.maml --config applications/maml/configs/tiny.yaml --out runs/maml-tiny
     python -m applications.maml --set methods=[maml,fomaml] --set seeds=[0,1,2,3,4]
     python -m applications.maml --set engines.imaml.iterations=10 --set imaml_lam=0.5
+    python -m applications.maml --set eval.split=val --set seeds=[0]   # meta-validation: choose settings here
     python -m applications.maml --resume runs/maml-...           # continue after Ctrl-C
 
 Methods, each run once per seed (``<method>-seed<N>`` arms), all from the same
@@ -18,17 +19,27 @@ the proximal term ``imaml_lam``), ``fomaml`` (``engines.fomaml``). Test-time
 adaptation is the inner loop: ``inner.steps`` SGD steps at ``inner.lr``.
 ``task_batched=true`` declares the meta-batch as one task-batched problem
 instead of ``meta_batch`` problems (the same hypergradients, vectorized).
+
+Three disjoint pools of examples: meta-train (every class not in
+``data.test_classes``, less the meta-validation pool), meta-validation
+(``data.val_classes``, or when that is empty a held-out ``data.val_fraction`` of
+each meta-train class's examples) and meta-test (``data.test_classes``).
+``eval.split=val`` scores every method on meta-validation tasks and never reads
+the meta-test pool; settings are chosen there. ``eval.split=test`` (the
+default) is the final evaluation.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
 import mlo
+from applications import digits
 from applications.common import ConfigError
 from applications.common.engines import EngineSpec, build_engine, engine_field, resolve_engine
 from applications.common.run_folder import LoggingConfig, Run
@@ -42,10 +53,22 @@ METHODS = ("scratch", "pretrain", "maml", "imaml", "fomaml")
 @dataclass
 class DataConfig:
     test_classes: list[int] = field(default_factory=lambda: [6, 7, 8, 9])   # never seen in meta-training
+    val_classes: list[int] = field(default_factory=list)   # meta-validation classes; [] = held-out examples
+    val_fraction: float = 0.3        # with no val_classes: share of each meta-train class held out for meta-val
     n_way: int = 3
     k_shot: int = 5
     n_query: int = 10                # query examples per class
     test_episodes: int = 200         # meta-test tasks per seed (the same for every method)
+    val_episodes: int = 200          # meta-validation tasks per seed (eval.split=val)
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"              # val: score on meta-validation tasks (to choose settings); test: meta-test
+
+    def validate(self) -> None:
+        if self.split not in ("val", "test"):
+            raise ConfigError(f"eval.split: expected val or test, got {self.split!r}")
 
 
 @dataclass
@@ -92,6 +115,7 @@ class MAMLConfig:
     threads: int = 1
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     inner: InnerConfig = field(default_factory=InnerConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     engines: EnginesConfig = field(default_factory=EnginesConfig)
@@ -106,15 +130,28 @@ class MAMLConfig:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
         d = self.data
-        if len(set(d.test_classes)) != len(d.test_classes) or not set(d.test_classes) <= set(range(10)):
-            raise ConfigError(f"data.test_classes: expected distinct digits 0..9, got {d.test_classes}")
-        if not 2 <= d.n_way <= min(len(d.test_classes), 10 - len(d.test_classes)):
-            raise ConfigError(f"data.n_way: must be >= 2 and at most the number of meta-train "
-                              f"({10 - len(d.test_classes)}) and meta-test ({len(d.test_classes)}) classes, "
-                              f"got {d.n_way}")
-        if d.k_shot < 1 or d.n_query < 1 or d.k_shot + d.n_query > 170 or d.test_episodes < 1:
-            raise ConfigError("data: k_shot, n_query, test_episodes must be >= 1 and k_shot + n_query <= 170 "
-                              "(the smallest digit class has 174 examples)")
+        for key in ("test_classes", "val_classes"):
+            classes = getattr(d, key)
+            if len(set(classes)) != len(classes) or not set(classes) <= set(range(10)):
+                raise ConfigError(f"data.{key}: expected distinct digits 0..9, got {classes}")
+        if set(d.val_classes) & set(d.test_classes):
+            raise ConfigError(f"data.val_classes: must not overlap data.test_classes, got {d.val_classes} "
+                              f"and {d.test_classes}")
+        if not d.val_classes and not 0.0 < d.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction: must be in (0, 1), got {d.val_fraction}")
+        if d.k_shot < 1 or d.n_query < 1 or d.test_episodes < 1 or d.val_episodes < 1:
+            raise ConfigError("data: k_shot, n_query, test_episodes, val_episodes must be >= 1")
+        labels = digits.arrays()[1]
+        pools = problems.split_indices(labels, d.test_classes, d.val_classes, d.val_fraction)
+        for name, idx in pools.items():
+            counts = np.bincount(labels[idx], minlength=10)
+            counts = counts[counts > 0]
+            if not 2 <= d.n_way <= len(counts):
+                raise ConfigError(f"data.n_way: must be >= 2 and at most the number of {name} classes "
+                                  f"({len(counts)}), got {d.n_way}")
+            if d.k_shot + d.n_query > counts.min():
+                raise ConfigError(f"data: k_shot + n_query ({d.k_shot + d.n_query}) exceeds the smallest "
+                                  f"{name} class ({counts.min()} examples)")
         if self.inner.steps < 1 or self.pretrain.steps < 1:
             raise ConfigError("inner.steps and pretrain.steps: must be >= 1")
         if self.imaml_lam < 0:
@@ -127,12 +164,17 @@ class MAMLConfig:
 
 def run(r: Run) -> dict:
     cfg, device = r.cfg, r.device
-    data = problems.load_data(cfg.data.test_classes, device)
-    d, inner = cfg.data, cfg.inner
+    d, inner, split = cfg.data, cfg.inner, cfg.eval.split
+    data = problems.load_data(d.test_classes, device, d.val_classes, d.val_fraction)
+    if split == "val":
+        data = replace(data, test={})       # choosing settings: the meta-test pool is not even in memory
     exp = Experiment(r, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every)
     per_method: dict[str, list[dict]] = {m: [] for m in cfg.methods}
     for seed in cfg.seeds:
-        test_tasks = problems.episodes(data.test, d.test_episodes, d.n_way, d.k_shot, d.n_query, 10_000 + seed)
+        if split == "test":      # the only place the meta-test pool is read
+            eval_tasks = problems.episodes(data.test, d.test_episodes, d.n_way, d.k_shot, d.n_query, 10_000 + seed)
+        else:
+            eval_tasks = problems.episodes(data.val, d.val_episodes, d.n_way, d.k_shot, d.n_query, 20_000 + seed)
         for method in cfg.methods:
             torch.manual_seed(seed)
             lam = cfg.imaml_lam if method == "imaml" else 0.0
@@ -151,27 +193,30 @@ def run(r: Run) -> dict:
                 steps, fresh_head = (0 if method == "scratch" else cfg.outer_steps), False
             template = problems.make_net(data.features, cfg.hidden, d.n_way).to(device)
 
-            def summary(net=net, fresh_head=fresh_head, lam=lam, tasks=test_tasks):
+            def summary(net=net, fresh_head=fresh_head, lam=lam, tasks=eval_tasks):
                 start = problems.start_params(net, d.n_way, fresh_head)
-                return {"test_acc": problems.meta_test(template, start, tasks, inner.lr, inner.steps, lam)}
+                return {f"{split}_acc": problems.meta_test(template, start, tasks, inner.lr, inner.steps, lam)}
 
             per_method[method].append(exp.arm(f"{method}-seed{seed}", graph, steps, summary=summary))
-    table = {m: _over_seeds([x["test_acc"] for x in rows], [x["time_s"] for x in rows])
+    table = {m: _over_seeds([x[f"{split}_acc"] for x in rows], [x["time_s"] for x in rows], split)
              for m, rows in per_method.items()}
-    result = {"summary": table, "seeds": list(cfg.seeds),
-              "task": f"{d.n_way}-way {d.k_shot}-shot, meta-test classes {d.test_classes}",
+    pools = (f"meta-test classes {d.test_classes}" if split == "test" else
+             f"meta-val classes {d.val_classes}" if d.val_classes else
+             f"meta-val: held-out {d.val_fraction:g} of meta-train classes {sorted(data.train)}")
+    result = {"summary": table, "seeds": list(cfg.seeds), "split": split,
+              "task": f"{d.n_way}-way {d.k_shot}-shot, {pools}",
               "arms": {f"{m}-seed{s}": rows[i] for m, rows in per_method.items() for i, s in enumerate(cfg.seeds)}}
     return exp.finish(result, plot=lambda path: plot(result, path), plot_name="maml.png")
 
 
-def _over_seeds(accs: list[float], times: list[float]) -> dict:
-    """Mean meta-test accuracy, the half-width of its 95 % t-interval over seeds (None for one seed)."""
+def _over_seeds(accs: list[float], times: list[float], split: str = "test") -> dict:
+    """Mean accuracy on ``split``, the half-width of its 95 % t-interval over seeds (None for one seed)."""
     n = len(accs)
     ci = None
     if n > 1:
         from scipy.stats import t
         ci = round(float(t.ppf(0.975, n - 1)) * statistics.stdev(accs) / math.sqrt(n), 4)
-    return {"test_acc_mean": round(statistics.fmean(accs), 4), "test_acc_ci95": ci,
+    return {f"{split}_acc_mean": round(statistics.fmean(accs), 4), f"{split}_acc_ci95": ci,
             "per_seed": [round(a, 4) for a in accs], "time_s_mean": round(statistics.fmean(times), 2)}
 
 
@@ -180,13 +225,13 @@ def plot(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    table = result["summary"]
+    table, split = result["summary"], result["split"]
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for i, (m, s) in enumerate(table.items()):
-        ax.bar(i, s["test_acc_mean"], yerr=s["test_acc_ci95"] or 0, capsize=5, color=f"C{i}", alpha=0.7)
+        ax.bar(i, s[f"{split}_acc_mean"], yerr=s[f"{split}_acc_ci95"] or 0, capsize=5, color=f"C{i}", alpha=0.7)
         ax.scatter([i] * len(s["per_seed"]), s["per_seed"], color="k", s=12, zorder=3)
     ax.set_xticks(range(len(table)), list(table))
-    ax.set_ylabel("meta-test accuracy")
+    ax.set_ylabel("meta-test accuracy" if split == "test" else "meta-validation accuracy")
     ax.set_title(f"{result['task']}: mean, 95 % interval over seeds {result['seeds']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

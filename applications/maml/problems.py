@@ -1,9 +1,12 @@
 """Few-shot digits: episodes, the meta-learning graphs (MAML, iMAML, FOMAML), the baseline, meta-test.
 
 The ten digit classes are split: meta-training draws N-way K-shot episodes from
-``train_classes`` only, meta-testing from the other classes only (never seen in
-training). An episode relabels its N classes 0..N-1 in a random order and holds
-K support and Q query examples per class.
+the meta-train classes only, meta-testing from ``test_classes`` only (never seen
+in training). Meta-validation, used only to choose settings, draws either from
+its own ``val_classes`` or, when none are given, from a held-out part of each
+meta-train class's examples that meta-training and the baseline never see. An
+episode relabels its N classes 0..N-1 in a random order and holds K support and
+Q query examples per class.
 
 A meta-learner is the graph::
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,9 +38,10 @@ Episode = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]   # supp
 
 @dataclass
 class Data:
-    """Standardized digits grouped by class: the meta-train and the meta-test pools."""
+    """Standardized digits grouped by class: the meta-train, meta-validation and meta-test pools."""
 
     train: dict[int, torch.Tensor]
+    val: dict[int, torch.Tensor]
     test: dict[int, torch.Tensor]
 
     @property
@@ -44,15 +49,46 @@ class Data:
         return next(iter(self.train.values())).shape[1]
 
 
-def load_data(test_classes: list[int], device: torch.device | str = "cpu") -> Data:
-    """Every digit, standardized with the meta-train classes' statistics, split by class."""
+SPLIT_SEED = 0          # the fixed permutation that holds out meta-validation examples
+
+
+def split_indices(labels, test_classes: list[int], val_classes: list[int] = (),
+                  val_fraction: float = 0.3) -> dict[str, np.ndarray]:
+    """Indices of the examples in each pool, ``{"train", "val", "test"}``, pairwise disjoint.
+
+    ``test``: every example of ``test_classes``. ``val``: every example of
+    ``val_classes`` when given, otherwise ``val_fraction`` of each remaining class's
+    examples (a fixed per-class permutation). ``train``: the rest.
+    """
+    labels = np.asarray(labels)
+    test_mask = np.isin(labels, list(test_classes))
+    if set(val_classes) & set(test_classes):
+        raise ValueError(f"val_classes {sorted(val_classes)} overlap test_classes {sorted(test_classes)}")
+    if val_classes:
+        val_mask = np.isin(labels, list(val_classes))
+        rest = np.flatnonzero(~test_mask & ~val_mask)
+        return {"train": rest, "val": np.flatnonzero(val_mask), "test": np.flatnonzero(test_mask)}
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    seen = np.flatnonzero(~test_mask)
+    parts = digits.stratified_split(labels[seen], {"val": float(val_fraction), "rest": 0.0}, seed=SPLIT_SEED)
+    return {"train": seen[parts["rest"]], "val": seen[parts["val"]], "test": np.flatnonzero(test_mask)}
+
+
+def load_data(test_classes: list[int], device: torch.device | str = "cpu", val_classes: list[int] = (),
+              val_fraction: float = 0.3) -> Data:
+    """Every digit, standardized with the meta-train pool's statistics, split into the three pools
+    of ``split_indices``."""
     x, y = digits.load()
-    train_mask = ~torch.isin(torch.as_tensor(y), torch.as_tensor(test_classes)).numpy()
-    xtr, xall = digits.standardize(x[train_mask], x)
+    idx = split_indices(y, test_classes, val_classes, val_fraction)
+    _, xall = digits.standardize(x[idx["train"]], x)
     xall = torch.as_tensor(xall, device=device)
-    pools = {int(c): xall[torch.as_tensor(y == c)] for c in sorted(set(y.tolist()))}
-    return Data({c: v for c, v in pools.items() if c not in test_classes},
-                {c: v for c, v in pools.items() if c in test_classes})
+
+    def pool(part: str) -> dict[int, torch.Tensor]:
+        ids = idx[part]
+        return {int(c): xall[torch.as_tensor(ids[y[ids] == c])] for c in sorted(set(y[ids].tolist()))}
+
+    return Data(pool("train"), pool("val"), pool("test"))
 
 
 def sample_episode(pool: dict[int, torch.Tensor], n_way: int, k_shot: int, n_query: int,

@@ -3,6 +3,7 @@ a hand-written ``torch.func`` meta-gradient), and the tiny config runs end to en
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import mlo
+from applications import digits
 from applications.maml import __main__ as cli
 from applications.maml import problems
 from tests.subproc import run_module
@@ -69,6 +71,7 @@ def test_tiny_run_end_to_end(tmp_path):
     run_module("applications.maml", ["--config", tiny("maml"), "--out", out, *ARGS])
     result = check_outputs(out, "maml.png")
     assert list(result["summary"]) == ["scratch", "pretrain", "maml", "imaml", "fomaml"]
+    assert result["split"] == "test"
     for name, row in result["summary"].items():
         assert 0.0 <= row["test_acc_mean"] <= 1.0 and len(row["per_seed"]) == 1, name
         assert row["test_acc_ci95"] is None          # one seed: no interval
@@ -87,6 +90,73 @@ def test_bad_config_is_one_line_before_running(tmp_path, capsys):
     assert "reptile" in capsys.readouterr().err
     assert cli.main(["--config", tiny("maml"), "--out", out, "--set", "engines.maml.steps=9", *ARGS]) == 2
     assert "cannot exceed inner.steps" in capsys.readouterr().err
+    assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("val_classes", [[], [3, 4, 5]], ids=["held-out-examples", "val-classes"])
+def test_the_three_pools_are_disjoint(val_classes):
+    labels = digits.arrays()[1]
+    test_classes = [7, 8, 9] if val_classes else [6, 7, 8, 9]
+    idx = problems.split_indices(labels, test_classes, val_classes, 0.3)
+    train, val, test = (set(idx[k].tolist()) for k in ("train", "val", "test"))
+    assert not train & val and not train & test and not val & test
+    assert len(train) + len(val) + len(test) == len(labels)
+    assert set(labels[idx["test"]].tolist()) == set(test_classes)
+    assert not set(labels[idx["train"]].tolist()) & set(test_classes)
+    assert not set(labels[idx["val"]].tolist()) & set(test_classes)
+    if val_classes:
+        assert set(labels[idx["val"]].tolist()) == set(val_classes)
+        assert not set(labels[idx["train"]].tolist()) & set(val_classes)
+    else:                                    # 30 % of every meta-train class, the rest for training
+        for c in range(6):
+            n_val, n_all = (labels[idx["val"]] == c).sum(), (labels == c).sum()
+            assert abs(n_val - 0.3 * n_all) <= 1
+    # the pools' tensors are exactly those examples, standardized with the meta-train pool's statistics
+    data = problems.load_data(test_classes, val_classes=val_classes, val_fraction=0.3)
+    x = digits.standardize(digits.load()[0][idx["train"]], digits.load()[0])[1]
+    for part in ("train", "val", "test"):
+        pool = getattr(data, part)
+        assert sorted(pool) == sorted(set(labels[idx[part]].tolist()))
+        for c, rows in pool.items():
+            assert torch.equal(rows, torch.as_tensor(x[idx[part][labels[idx[part]] == c]])), (part, c)
+
+
+@pytest.mark.parametrize("val_classes", [[], [3, 4, 5]], ids=["held-out-examples", "val-classes"])
+def test_val_evaluation_never_draws_a_meta_test_class(tmp_path, monkeypatch, val_classes):
+    drawn = []
+    real = problems.sample_episode
+
+    def spy(pool, *args, **kw):
+        drawn.append((sorted(pool), sum(len(v) for v in pool.values())))
+        return real(pool, *args, **kw)
+
+    monkeypatch.setattr(problems, "sample_episode", spy)
+    test_classes = [7, 8, 9] if val_classes else [6, 7, 8, 9]
+    sets = ["--set", f"data.test_classes={test_classes}", "--set", f"data.val_classes={val_classes}",
+            "--set", "eval.split=val", "--set", "methods=[scratch,fomaml]", "--set", "outer_steps=2"]
+    out = str(tmp_path / "run")
+    assert cli.main(["--config", tiny("maml"), "--out", out, *sets, *ARGS]) == 0
+    data = problems.load_data(test_classes, val_classes=val_classes)
+    pools = {part: (sorted(pool), sum(len(v) for v in pool.values()))
+             for part, pool in (("train", data.train), ("val", data.val), ("test", data.test))}
+    assert all(not set(classes) & set(test_classes) for classes, _ in drawn)
+    # tiny, one seed: its 10 evaluation episodes (shared by the methods); 2 steps x meta_batch 2 per method
+    assert drawn.count(pools["val"]) == 10 and drawn.count(pools["train"]) == 8 and len(drawn) == 18
+    with open(os.path.join(out, "result.json"), encoding="utf-8") as fh:
+        result = json.load(fh)
+    assert result["split"] == "val" and "val_acc_mean" in result["summary"]["fomaml"]
+
+
+def test_bad_split_config_is_one_line(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    for sets, words in ((["eval.split=train"], "eval.split"),
+                        (["data.val_classes=[5,6]"], "overlap"),
+                        (["data.val_fraction=1.0"], "val_fraction"),
+                        (["data.val_classes=[0,1,2,3,4]"], "number of train classes (1)"),
+                        (["data.val_fraction=0.02"], "smallest val class")):
+        args = [a for kv in sets for a in ("--set", kv)]
+        assert cli.main(["--config", tiny("maml"), "--out", out, *args, *ARGS]) == 2
+        assert words in capsys.readouterr().err, sets
     assert not os.path.exists(out)
 
 
