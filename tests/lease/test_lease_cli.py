@@ -30,10 +30,17 @@ def _params(out):
     return ckpt.step, {f"{p}/{k}": v for p, s in ckpt.graph_state["problems"].items() for k, v in s["params"].items()}
 
 
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One uninterrupted tiny search (progress bar on), shared by this file's tests: the reference of the
+    resume test, the finished run the extension test copies. Never written to."""
+    full = str(tmp_path_factory.mktemp("finished") / "full")
+    return full, _run([a for a in TINY if a != "--no-progress"] + ["--out", full])
+
+
 @pytest.mark.slow
-def test_search_writes_every_artifact_and_resume_equals_uninterrupted(tmp_path):
-    full = str(tmp_path / "full")
-    r = _run([a for a in TINY if a != "--no-progress"] + ["--out", full])
+def test_search_writes_every_artifact_and_resume_equals_uninterrupted(tmp_path, finished):
+    full, r = finished
     for name in ARTIFACTS:
         assert os.path.getsize(os.path.join(full, name)) > 0, name
     result = json.load(open(os.path.join(full, "result.json")))
@@ -81,23 +88,25 @@ def test_search_writes_every_artifact_and_resume_equals_uninterrupted(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_may_change_a_setting_and_saves_it_and_more_epochs_extend_a_finished_search(tmp_path):
+def test_resume_may_change_a_setting_and_saves_it_and_more_epochs_extend_a_finished_search(tmp_path, finished):
     """``--set`` on resume is written back to config.yaml (the folder says what ran). A finished search resumed
     with more epochs runs on to the new total; resumed without, it says it is finished and how to extend it."""
+    import shutil
+
     out = str(tmp_path / "run")
-    _run([*search_args(epochs=1, max_steps_per_epoch=2), "--out", out])
-    r = _run(["--resume", out, "--set", "nan_policy=skip", "--set", "epochs=2", "--no-progress"])
-    assert "resuming a finished search at step 2 and continuing to step 4" in r.stderr, r.stderr[-3000:]
+    shutil.copytree(finished[0], out)                # 2 epochs of 5 steps, finished
+    r = _run(["--resume", out, "--set", "nan_policy=skip", "--set", "epochs=3", "--no-progress"])
+    assert "resuming a finished search at step 10 and continuing to step 15" in r.stderr, r.stderr[-3000:]
     config = open(os.path.join(out, "config.yaml")).read()
-    assert "nan_policy: skip" in config and "epochs: 2" in config
-    assert [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))] == [1, 2, 3, 4]
-    assert _params(out)[0] == 4
-    assert len(open(os.path.join(out, "alphas.jsonl")).readlines()) == 4
+    assert "nan_policy: skip" in config and "epochs: 3" in config
+    assert [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))] == list(range(1, 16))
+    assert _params(out)[0] == 15
+    assert len(open(os.path.join(out, "alphas.jsonl")).readlines()) == 15
     result = open(os.path.join(out, "result.json")).read()
     again = _run(["--resume", out, "--no-progress"])
-    assert "the search finished at step 4" in again.stderr and "--set epochs=N" in again.stderr, again.stderr[-3000:]
+    assert "the search finished at step 15" in again.stderr and "--set epochs=N" in again.stderr, again.stderr[-3000:]
     assert "resuming" not in again.stderr
-    assert _params(out)[0] == 4 and len(open(os.path.join(out, "metrics.jsonl")).readlines()) == 4
+    assert _params(out)[0] == 15 and len(open(os.path.join(out, "metrics.jsonl")).readlines()) == 15
     assert json.loads(open(os.path.join(out, "result.json")).read())["genotype"] == json.loads(result)["genotype"]
 
 
