@@ -112,12 +112,14 @@ def sync(device) -> None:
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int, device="cpu",
-                     cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+                     cpu: dict[str, list[float]] | None = None, block: int = 1) -> dict[str, list[float]]:
     """Seconds per call of every function, run round robin (order rotated each repetition).
 
     ``cpu``, if given, is filled with the process CPU seconds of each call as well: on a machine shared
     with other jobs the wall time includes their share of the cores, the CPU time does not (with one
-    intra-op thread it is the step's own compute; on CUDA it is the host side only)."""
+    intra-op thread it is the step's own compute; on CUDA it is the host side only). ``block``: each
+    sample times that many calls in a row and records their mean (millisecond calls: one call's time
+    is dominated by the timer's and the shared machine's noise)."""
     names = list(fns)
     for _ in range(warmup):
         for n in names:
@@ -133,12 +135,14 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int, 
             shift = r % len(names)
             for n in names[shift:] + names[:shift]:
                 sync(device)
+                fn = fns[n]
                 c0, t0 = time.process_time(), time.perf_counter()
-                fns[n]()
+                for _ in range(block):
+                    fn()
                 sync(device)
-                times[n].append(time.perf_counter() - t0)
+                times[n].append((time.perf_counter() - t0) / block)
                 if cpu is not None:
-                    cpu[n].append(time.process_time() - c0)
+                    cpu[n].append((time.process_time() - c0) / block)
             gc.collect()
     finally:
         if enabled:

@@ -67,7 +67,7 @@ INSTALL = "pip install --no-deps --ignore-requires-python betty-ml==0.2.1"
 TOL = {"neumann": 1e-9, "cg_k1": 1e-9, "darts_definition": 1e-9, "plain_vs_mlo": 1e-10}
 GOALS = {"hpo": (0.8, 1.0), "darts": (0.8, 1.0), "chain": (0.7, None)}
 KS = {"hpo": 5, "darts": 3, "chain": 3}       # Neumann / CG iterations (tiny: 1 on the supernet cases)
-REPS_FACTOR = {"hpo": 10, "darts": 1, "chain": 1}   # millisecond steps need more repetitions
+BLOCK = {"hpo": 20, "darts": 1, "chain": 1}   # millisecond steps: each sample times 20 steps in a row
 HPO_BATCH = {"tiny": 64, "small": 256, "paper": 898}
 
 
@@ -468,7 +468,7 @@ def run(args) -> dict:
             if plain:   # the floor: the same step with no framework
                 fns["plain"] = case.plain()[0]
             cpu: dict[str, list[float]] = {}
-            times = common.time_interleaved(fns, args.reps * REPS_FACTOR[name], args.warmup, device, cpu=cpu)
+            times = common.time_interleaved(fns, args.reps, args.warmup, device, cpu=cpu, block=BLOCK[name])
             ratio = common.paired_ratio(times["mlo"], times["betty"])
             cpu_ratio = common.paired_ratio(cpu["mlo"], cpu["betty"])
             mem = {}

@@ -55,6 +55,14 @@ def test_time_interleaved_reports_cpu_time_per_call():
     assert min(cpu["work"]) > 0
 
 
+def test_time_interleaved_block_times_consecutive_calls_and_reports_the_mean():
+    import time
+    calls = []
+    times = common.time_interleaved({"f": lambda: calls.append(time.sleep(0.01))}, reps=3, warmup=1, block=5)
+    assert len(calls) == 1 + 3 * 5 and len(times["f"]) == 3
+    assert 0.01 <= min(times["f"]) and max(times["f"]) < 0.05    # per call, not per block of five
+
+
 def test_statistics_helpers():
     assert common.quantiles([3.0, 1.0, 2.0, 4.0]) == (1.75, 2.5, 3.25)
     assert common.paired_ratio([2.0, 4.0, 9.0], [1.0, 2.0, 3.0])["median"] == 2.0
