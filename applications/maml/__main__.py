@@ -52,8 +52,8 @@ METHODS = ("scratch", "pretrain", "maml", "imaml", "fomaml")
 
 @dataclass
 class DataConfig:
-    test_classes: list[int] = field(default_factory=lambda: [6, 7, 8, 9])   # never seen in meta-training
-    val_classes: list[int] = field(default_factory=list)   # meta-validation classes; [] = held-out examples
+    test_classes: list[int] = field(default_factory=lambda: [7, 8, 9])   # read only by eval.split=test
+    val_classes: list[int] = field(default_factory=lambda: [4, 5, 6])    # meta-validation; [] = held-out examples
     val_fraction: float = 0.3        # with no val_classes: share of each meta-train class held out for meta-val
     n_way: int = 3
     k_shot: int = 5

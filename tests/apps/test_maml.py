@@ -150,10 +150,11 @@ def test_val_evaluation_never_draws_a_meta_test_class(tmp_path, monkeypatch, val
 def test_bad_split_config_is_one_line(tmp_path, capsys):
     out = str(tmp_path / "run")
     for sets, words in ((["eval.split=train"], "eval.split"),
-                        (["data.val_classes=[5,6]"], "overlap"),
-                        (["data.val_fraction=1.0"], "val_fraction"),
-                        (["data.val_classes=[0,1,2,3,4]"], "number of train classes (1)"),
-                        (["data.val_fraction=0.02"], "smallest val class")):
+                        (["data.val_classes=[6,7]"], "overlap"),
+                        (["data.val_classes=[]", "data.val_fraction=1.0"], "val_fraction"),
+                        (["data.val_classes=[0,1,2,3,4]"], "number of train classes (2)"),
+                        (["data.val_classes=[0,1]"], "number of val classes (2)"),
+                        (["data.val_classes=[]", "data.val_fraction=0.02"], "smallest val class")):
         args = [a for kv in sets for a in ("--set", kv)]
         assert cli.main(["--config", tiny("maml"), "--out", out, *args, *ARGS]) == 2
         assert words in capsys.readouterr().err, sets
