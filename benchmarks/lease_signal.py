@@ -29,6 +29,7 @@ cosine horizon of 50 epochs — on a small supernet and audience and tiny random
 changed (:data:`SWEEP_SEARCHES`: warm-up, the paper's explanation scale), and at each point of the
 preset's search the state with one thing changed (:data:`WHATIF`: γ, the step sizes ξ_E, ξ_Δ, ξ_W the
 one-step unrolling uses, the explanations' scale, a re-initialised audience).
+``--runs DIR ...`` reports the parts at the last checkpoint of finished search runs (e.g. a study's).
 ``--quick``: tiny searches (seconds, for the tests).
 """
 from __future__ import annotations
@@ -278,12 +279,33 @@ def study_preset(preset: str, sets: list[str], quick: bool, fd: bool = True, log
     return {"rows": rows, "errors": errors, "search_cpu_s": seconds}
 
 
+def finished_run(folder: str) -> dict:
+    """The three parts (exact, float64) at the last checkpoint of a search run folder (``--runs``):
+    its ``config.yaml`` and ``checkpoint.pt``, the models rebuilt by the application's builders."""
+    cfg = load_config(SearchConfig, os.path.join(folder, "config.yaml"), ["device=cpu"])
+    setup = prepare(cfg, mlo.distributed.Env(0, 1, 0, torch.device("cpu"), None))
+    explainer = build_explainer(cfg, SPACES[cfg.space.name], setup, 0, {}, torch.device("cpu"))
+    total = cfg.epochs * setup.steps_per_epoch
+    graph = mlo.Graph(build_problems(cfg, explainer, setup.audience, setup.bank, setup.loaders, total))
+    ckpt = mlo.read_checkpoint(os.path.join(folder, "checkpoint.pt"))
+    mlo.load_graph_state_dict(graph, ckpt.graph_state, data=False)
+    batches = [tuple(t.cpu() for t in next(iter(src))) for src in
+               (setup.loaders.explainer_train, setup.loaders.audience_train, setup.loaders.val)]
+    row, _ = point_rows(folder, cfg, (explainer, setup.audience, setup.bank), mlo.graph_state_dict(graph),
+                        ckpt.step, batches, total, False, (), ())
+    return dict(row, warmup_end=cfg.arch_start_epoch * setup.steps_per_epoch)
+
+
 # ----------------------------------------------------------------------------- program
 def run(args) -> dict:
     sets = list(args.set or [])
     rows, errors, sweep = [], [], []
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    if args.sweep:
+    if args.runs:
+        for folder in args.runs:
+            rows.append(finished_run(folder))
+            log(f"  {folder}: chain/direct {rows[-1]['chain_share']:.3g}")
+    elif args.sweep:
         for label, extra in SWEEP_SEARCHES.items():
             if args.only and label not in args.only:
                 continue
@@ -360,6 +382,8 @@ def main(argv=None) -> int:
                         help="the chain's share along digits searches: SWEEP_SEARCHES and, at the preset's points, "
                              "WHATIF")
     parser.add_argument("--only", help="--sweep: comma-separated subset of the settings' labels")
+    parser.add_argument("--runs", nargs="+", metavar="DIR",
+                        help="instead: the parts at the last checkpoint of each search run folder (a LeaSE search)")
     parser.add_argument("--quick", action="store_true", help="tiny searches (seconds)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)

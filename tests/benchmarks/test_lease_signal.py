@@ -90,3 +90,15 @@ def test_quick_table_invariants(tmp_path):
         for k in ("darts", "chain", "total"):
             assert e[f"{k}_rel_error"] >= 0 and -1.0 - 1e-9 <= e[f"{k}_cosine"] <= 1.0 + 1e-9
     assert (out / "plot.png").stat().st_size > 1000 and "chain / direct" in (out / "table.md").read_text()
+
+
+def test_runs_reads_a_finished_search(tmp_path):
+    """``--runs DIR``: the parts at a finished search's last checkpoint, rebuilt from its folder."""
+    search = tmp_path / "search"
+    run_module("applications.lease.search", ["--out", str(search), "--no-progress", "--set", "device=cpu",
+                                             *[a for kv in lease_signal.QUICK for a in ("--set", kv)]])
+    out = tmp_path / "signal"
+    run_module("benchmarks.lease_signal", ["--runs", str(search), "--out", str(out)])
+    rows = json.loads((out / "result.json").read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["step"] == 4 and rows[0]["preset"] == str(search)
+    assert rows[0]["sum_error"] <= 1e-10 and rows[0]["direct"] > 0 and rows[0]["chain"] > 0
