@@ -100,8 +100,10 @@ def malformed(draw):
         (["bf16=true", "dtype=float64"], "bf16"),
         (["mode=baseline", "audience_only=true"], "audience_only"),
         ([f"engines.{edge}.name=cg", f"engines.{edge}.iterations=0"], f"engines.{edge}.iterations"),
-        ([f"engines.{edge}.name=unrolled", f"engines.{edge}.steps={draw(st.integers(2, 9))}"],
-         f"engines.{edge}.steps"),
+        ([f"engines.{edge}.name=unrolled", f"engines.{edge}.reuse_step_graph=false",
+          f"engines.{edge}.steps={draw(st.integers(2, 9))}"], f"engines.{edge}.steps"),
+        ([f"engines.{edge}.name=unrolled", f"engines.{edge}.reuse_step_graph=true",       # the presets' setting
+          f"engines.{edge}.steps={draw(st.integers(2, 9))}"], f"engines.{edge}.reuse_step_graph"),
         (["pdarts.ops_kept=[8, 5]"], "pdarts.ops_kept"),
         (["pdarts.dropout=[0.1, 1.5, 0.2]"], "pdarts.dropout"),
     ]))
