@@ -167,17 +167,17 @@ class Runner:
         a run resumed from a checkpoint that should end at a fixed total
         (``run(until=1000)`` after ``resume``); an ``until`` already reached runs
         nothing and returns the last logged row (empty if none), one below the
-        counter raises ``ValueError``. A SIGINT/SIGTERM stops earlier
+        counter raises ``mlo.ConfigError`` (a ``ValueError``). A SIGINT/SIGTERM stops earlier
         (``interrupted``).
         """
         if (steps is None) == (until is None):
-            raise ValueError("Runner.run: give exactly one of steps (how many more steps) or until "
+            raise ConfigError("Runner.run: give exactly one of steps (how many more steps) or until "
                              f"(the step counter to stop at); got steps={steps!r}, until={until!r}")
         for what, value in (("steps", steps), ("until", until)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-                raise ValueError(f"Runner.run: {what}: expected an integer >= 0, got {value!r}")
+                raise ConfigError(f"Runner.run: {what}: expected an integer >= 0, got {value!r}")
         if until is not None and until < self.step:
-            raise ValueError(f"Runner.run: until={until} is below the step counter ({self.step}); "
+            raise ConfigError(f"Runner.run: until={until} is below the step counter ({self.step}); "
                              f"run(steps=N) runs N more steps")
         steps = self.step + steps if until is None else until
         bar = ProgressBar(steps, start=self.step) if self.progress else None
