@@ -191,8 +191,8 @@ def hypergradient(cfg: SearchConfig, models, state: dict, batches, dtype: torch.
                   horizon: int) -> dict:
     """``mlo.hypergradient`` of the architecture with ``edge_engines``, the models at ``state`` in ``dtype``."""
     cfg = copy.deepcopy(cfg)
-    for e in EDGES:
-        setattr(cfg.engines, e, edge_engines[e])
+    for e in EDGES:    # engines as objects: what the config holds after loading
+        setattr(cfg.engines, e, mlo.engine_from_config(edge_engines[e], where=f"engines.{e}"))
     cfg.engines.validate()
     explainer = copy.deepcopy(models[0]).to(dtype)
     audience = None if models[1] is None else copy.deepcopy(models[1]).to(dtype)
