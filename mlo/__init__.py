@@ -18,7 +18,7 @@ from . import solvers
 from .engines import (CG, ENGINES, MINRES, DenseImplicit, Engine, FiniteDifference, FirstOrder, FOMAML, Implicit,
                       Neumann, Unrolled,
                       from_config as engine_from_config, to_config as engine_to_config)
-from .errors import ConfigError, GraphError, MLOError, NonFiniteError
+from .errors import ConfigError, GraphError, InputTypeError, MLOError, NonFiniteError
 from .graph import Graph
 from .metrics import CSVWriter, JSONLWriter, ProgressBar, TensorBoardWriter
 from .problem import Accumulated, Problem, SameBatch
@@ -34,7 +34,7 @@ __all__ = [
     "solvers",
     "engine_from_config", "engine_to_config",
     "hypergradient", "check_hypergradient", "CheckReport", "draw_batches",
-    "MLOError", "GraphError", "ConfigError", "NonFiniteError",
+    "MLOError", "GraphError", "ConfigError", "InputTypeError", "NonFiniteError",
     "JSONLWriter", "CSVWriter", "TensorBoardWriter", "ProgressBar",
     "graph_state_dict", "load_graph_state_dict", "save_checkpoint", "load_checkpoint", "CheckpointError",
     "RunCheckpoint", "read_checkpoint", "has_checkpoint",

@@ -11,6 +11,8 @@ For each problem P in the graph's order, for each of its ``steps``:
   4. hand gradient + hypergradient to P's optimizer.
 Problems whose solutions later problems differentiate leave a ``RunRecord`` behind.
 ``Stepper.direction(P)`` stops at step 4 and returns P's ``Direction`` unapplied.
+The parameter side of each move is a ``mlo.binding.Binding``; moves 2-3 are
+``mlo.sweep``; what can be decided once per graph is a ``mlo.stepplan.StepPlan``.
 """
 from __future__ import annotations
 
