@@ -28,39 +28,60 @@ ENGINES: dict[str, type[Engine]] = {"first_order": FirstOrder, "unrolled": Unrol
                                     "fomaml": FOMAML, "minres": MINRES, "dense_implicit": DenseImplicit}
 
 
-def from_config(spec: str | Mapping[str, Any] | Engine, where: str = "engine") -> Engine:
+def from_config(spec: str | Mapping[str, Any] | Engine, where: str = "engine",
+                choices: Mapping[str, type[Engine]] | None = None) -> Engine:
     """Build an engine from a name, a ``{"name": ..., **fields}`` mapping, or return an engine as is.
 
-    Raises ``ConfigError`` with one line that starts with ``where`` for an unknown
-    engine (listing the valid names), an unknown field (listing the engine's
-    fields), a value of the wrong type, or a value the engine rejects.
+    ``choices`` (default :data:`ENGINES`) are the names accepted. Raises ``ConfigError``
+    with one line that starts with the offending setting's path (``where``, ``where.name``
+    or ``where.<field>``, also in its ``field`` attribute) for an unknown engine (listing
+    the valid names), an unknown field (listing the engine's fields), a value of the wrong
+    type, or a value the engine rejects.
     """
     if isinstance(spec, Engine):
         return spec
+    choices = ENGINES if choices is None else choices
     if isinstance(spec, str):
         spec = {"name": spec}
     if not isinstance(spec, Mapping):
-        raise ConfigError(f"{where}: expected an engine name or a mapping with 'name', got {type(spec).__name__}")
+        raise ConfigError(f"{where}: expected an engine name or a mapping with 'name', got {type(spec).__name__}",
+                          field=where)
     fields = dict(spec)
     if "name" not in fields:
-        raise ConfigError(f"{where}.name: missing; choose one of {', '.join(ENGINES)}")
+        raise ConfigError(f"{where}.name: missing; choose one of {', '.join(choices)}", field=f"{where}.name")
     name = fields.pop("name")
-    if name not in ENGINES:
-        raise ConfigError(f"{where}.name: unknown engine {name!r}; choose one of {', '.join(ENGINES)}")
-    cls = ENGINES[name]
+    if not isinstance(name, str) or name not in choices:
+        raise ConfigError(f"{where}.name: unknown engine {name!r}; choose one of {', '.join(choices)}",
+                          field=f"{where}.name")
+    cls = choices[name]
     types_ = _field_types(cls)
     for key, value in fields.items():
         if key not in types_:
             valid = ", ".join(types_) or "none"
-            raise ConfigError(f"{where}.{key}: unknown field of engine {name!r}; valid fields: {valid}")
+            raise ConfigError(f"{where}.{key}: unknown field of engine {name!r}; valid fields: {valid}",
+                              field=f"{where}.{key}")
         fields[key] = _coerce(value, types_[key], f"{where}.{key}")
     try:
         return cls(**fields)
-    except ConfigError as e:          # the engine's own check names "CG.iterations": name the config key
-        text = str(e)
-        field = text.split(":", 1)[0].rsplit(".", 1)[-1]
-        raise ConfigError(f"{where}.{field}:{text.split(':', 1)[1]}" if field in types_ else f"{where}: {text}") \
-            from None
+    except ConfigError as e:
+        key = e.field if e.field in types_ else _rejected_field(cls, fields)
+        text = str(e).removeprefix(f"{cls.__name__}.{key}: ") if key else str(e)
+        path = f"{where}.{key}" if key else where
+        raise ConfigError(f"{path}: {text}", field=path) from None
+
+
+def _rejected_field(cls: type[Engine], fields: dict[str, Any]) -> str | None:
+    """The field the engine's own check rejects: the first, in the engine's field order, whose value
+    (with the ones before it) the engine refuses; ``None`` if each alone is accepted."""
+    given: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in fields:
+            given[f.name] = fields[f.name]
+            try:
+                cls(**given)
+            except ConfigError:
+                return f.name
+    return None
 
 
 def to_config(engine: Engine) -> dict[str, Any]:
@@ -86,16 +107,17 @@ def _coerce(value, tp, where: str):
     if value is None:
         if optional:
             return None
-        raise ConfigError(f"{where}: expected {_describe(tp)}, got None")
+        raise ConfigError(f"{where}: expected {_describe(tp)}, got None", field=where)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+            raise ConfigError(f"{where}: expected true or false, got {value!r}", field=where)
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{where}: expected {_describe(tp)}{' or null' if optional else ''}, got {value!r}")
+        raise ConfigError(f"{where}: expected {_describe(tp)}{' or null' if optional else ''}, got {value!r}",
+                          field=where)
     if tp is int:
         if isinstance(value, float):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {value!r}", field=where)
         return value
     return float(value)
 

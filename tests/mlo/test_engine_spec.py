@@ -71,3 +71,29 @@ def test_wrong_types_and_values_name_the_key_on_one_line(spec, where):
         mlo.engine_from_config(spec, where="x")
     assert str(e.value).startswith(where), str(e.value)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("spec, field", [
+    ({"name": "cgg"}, "x.name"),
+    ({"iterations": 3}, "x.name"),
+    ({"name": "cg", "tolerance": 1e-3}, "x.tolerance"),
+    ({"name": "cg", "iterations": "ten"}, "x.iterations"),
+    ({"name": "cg", "iterations": 0}, "x.iterations"),                    # the engine's own check
+    ({"name": "cg", "iterations": 3, "tol": -1.0}, "x.tol"),
+    ({"name": "unrolled", "steps": 2, "reuse_step_graph": True}, "x.reuse_step_graph"),   # a pair: the later field
+    (["cg"], "x"),
+])
+def test_the_error_names_the_setting_in_its_field_attribute(spec, field):
+    with pytest.raises(mlo.ConfigError) as e:
+        mlo.engine_from_config(spec, where="x")
+    assert e.value.field == field
+    assert str(e.value).startswith(f"{field}: ")
+
+
+def test_choices_restrict_the_names():
+    choices = {"unrolled": mlo.Unrolled, "finite_difference": mlo.FiniteDifference}
+    assert mlo.engine_from_config("unrolled", choices=choices) == mlo.Unrolled()
+    with pytest.raises(mlo.ConfigError) as e:
+        mlo.engine_from_config({"name": "cg"}, where="w", choices=choices)
+    assert e.value.field == "w.name"
+    assert str(e.value) == "w.name: unknown engine 'cg'; choose one of unrolled, finite_difference"
