@@ -156,12 +156,12 @@ class PlainStep:
             # audience edge: adjoint at Δ' (the batch's rows)
             vW = self._update_vjp(uW, gW, lr_W, tot_W, clip_W)
             d1 = D1.detach().requires_grad_()
-            (uD,) = self._fd_params(self.W, W0, vW, cfg.engines.audience["eps"],
+            (uD,) = self._fd_params(self.W, W0, vW, cfg.engines.audience.eps,
                                     lambda: F.cross_entropy(g(explain.reweight(xa, d1, kind)), ya), [d1])
             # explanation edge: adjoint at E' (the bank is an input, perturbed out of place);
             # the clean pass f(x; E') is the same at both points: run once, backpropagated once
             vD = -lr_D * uD
-            scale = self._scale([vD], cfg.engines.explanation["eps"])
+            scale = self._scale([vD], cfg.engines.explanation.eps)
             clean = f(xa)
             cut = clean.detach().requires_grad_()
             out, cot = [], []
@@ -175,7 +175,7 @@ class PlainStep:
             uE = [u + (a - b + t) / (2 * scale) for u, a, b, t in zip(uE, *out, through)]
         # explainer edge: A's hypergradient, mixed product at the pre-update point E
         vE = self._update_vjp(uE, gE, lr_E, tot_E, clip_E)
-        hA = self._fd_params(self.E, E0, vE, cfg.engines.explainer["eps"], lambda: F.cross_entropy(f(xe), ye), self.A)
+        hA = self._fd_params(self.E, E0, vE, cfg.engines.explainer.eps, lambda: F.cross_entropy(f(xe), ye), self.A)
         for p, a, b in zip(self.A, gA, hA):
             p.grad = a + b
         self.opt_A.step()

@@ -4,7 +4,6 @@
 - checkpoints: ``mlo.checkpoint``'s atomic files, re-exported here.
 - :mod:`.cpu`: one call that puts CPU users on PyTorch's fast path.
 - :mod:`.run_folder`: every program's command line and output folder (flags, resume, overwrite).
-- :mod:`.engines`: engine settings in configs, parsed by mlo's one engine spec.
 """
 
 from mlo.checkpoint import CheckpointError, load_checkpoint, save_checkpoint

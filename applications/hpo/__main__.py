@@ -16,13 +16,11 @@ for each hypergradient engine in ``engines.compare``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 import mlo
 from applications.common import ConfigError
-from applications.common.engines import build_engine, resolve_engine
 from applications.common.run_folder import LoggingConfig, Run
 from applications.experiment import Experiment, digits_program, run_program
 
@@ -50,40 +48,29 @@ class HyperConfig:
     init_weight_decay: float = 0.01
 
 
-def _fields(**values):
-    return field(default_factory=lambda: dict(values))
-
-
 @dataclass
 class EnginesConfig:
-    """The engines to compare, and each engine's settings: any field of that mlo engine
-    (``--set engines.cg.tol=1e-6``); fields left out keep mlo's defaults."""
+    """The engines to compare, and each engine's settings: a section per engine holds that mlo
+    engine (``--set engines.cg.tol=1e-6``); fields left out keep these defaults."""
 
     compare: list[str] = field(default_factory=lambda: ["cg", "neumann", "unrolled"])
-    cg: dict[str, Any] = _fields(iterations=20)
-    neumann: dict[str, Any] = _fields(iterations=50, alpha=0.1)     # alpha null: the classifier's learning rate
-    unrolled: dict[str, Any] = _fields(steps=10)                     # at most inner.steps
-    finite_difference: dict[str, Any] = _fields()
-    first_order: dict[str, Any] = _fields()
+    cg: mlo.CG = mlo.CG(iterations=20)
+    neumann: mlo.Neumann = mlo.Neumann(iterations=50, alpha=0.1)   # alpha null: the classifier's learning rate
+    unrolled: mlo.Unrolled = mlo.Unrolled(steps=10)                 # at most inner.steps
+    finite_difference: mlo.FiniteDifference = mlo.FiniteDifference()
+    first_order: mlo.FirstOrder = mlo.FirstOrder()
 
     def validate(self) -> None:
         sections = [name for name in mlo.ENGINES if name in self.__dataclass_fields__]
         for name in self.compare:
             if name not in sections:
-                raise ConfigError(f"engines.compare: unknown engine {name!r}; choose from {', '.join(sections)}")
+                raise ConfigError(f"engines.compare: unknown engine {name!r}; choose from {', '.join(sections)}",
+                                  field="engines.compare")
         if len(set(self.compare)) != len(self.compare):
-            raise ConfigError(f"engines.compare: an engine is listed twice: {self.compare}")
-        for name in sections:     # the engines this program can use (an engine with no section cannot be listed)
-            settings = getattr(self, name)
-            if settings.get("name", name) != name:
-                raise ConfigError(f"engines.{name}.name: this section configures {name!r}; "
-                                  f"list engines in engines.compare")
-            spec = resolve_engine({**settings, "name": name}, f"engines.{name}")
-            spec.pop("name")
-            setattr(self, name, spec)
+            raise ConfigError(f"engines.compare: an engine is listed twice: {self.compare}", field="engines.compare")
 
     def make(self, name: str) -> mlo.Engine:
-        return build_engine({**getattr(self, name), "name": name}, f"engines.{name}")
+        return getattr(self, name)
 
 
 @dataclass
@@ -105,9 +92,10 @@ class HPOConfig:
             raise ConfigError(f"outer_steps: must be >= 1, got {self.outer_steps}")
         if not self.weight_decay_grid or min(self.weight_decay_grid) <= 0:
             raise ConfigError(f"weight_decay_grid: needs positive values, got {self.weight_decay_grid}")
-        if "unrolled" in self.engines.compare and self.engines.unrolled['steps'] > self.inner.steps:
-            raise ConfigError(f"engines.unrolled.steps ({self.engines.unrolled['steps']}) cannot exceed "
-                              f"inner.steps ({self.inner.steps}): it reverses through the last K classifier steps")
+        if "unrolled" in self.engines.compare and self.engines.unrolled.steps > self.inner.steps:
+            raise ConfigError(f"engines.unrolled.steps ({self.engines.unrolled.steps}) cannot exceed "
+                              f"inner.steps ({self.inner.steps}): it reverses through the last K classifier steps",
+                              field="engines.unrolled.steps")
         if self.hyper.init_weight_decay <= 0:
             raise ConfigError("hyper.init_weight_decay: must be > 0")
 

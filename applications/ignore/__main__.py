@@ -22,7 +22,6 @@ import torch
 
 import mlo
 from applications.common import ConfigError
-from applications.common.engines import EngineSpec, build_engine, engine_field, resolve_engine
 from applications.common.run_folder import LoggingConfig, Run
 from applications.experiment import Experiment, digits_program, run_program, over_seeds, plot_over_seeds
 
@@ -40,17 +39,13 @@ class DataConfig:
 
 @dataclass
 class EnginesConfig:
-    """mlo engine specs (``{name: cg, iterations: 20, tol: 1e-6}``); fields left out keep mlo's defaults."""
+    """mlo engines, written ``{name: cg, iterations: 20, tol: 1e-6}``; fields left out keep mlo's defaults."""
 
-    pretrain: EngineSpec = engine_field("unrolled", steps=10)    # dV/dα
-    finetune: EngineSpec = engine_field("cg", iterations=20)     # dW/dV
-
-    def validate(self) -> None:
-        self.pretrain = resolve_engine(self.pretrain, "engines.pretrain")
-        self.finetune = resolve_engine(self.finetune, "engines.finetune")
+    pretrain: mlo.Engine = mlo.Unrolled(steps=10)    # dV/dα
+    finetune: mlo.Engine = mlo.CG(iterations=20)     # dW/dV
 
     def make(self, level: str) -> mlo.Engine:
-        return build_engine(getattr(self, level), f"engines.{level}")
+        return getattr(self, level)
 
 
 @dataclass
@@ -91,9 +86,9 @@ class IgnoreConfig:
             raise ConfigError("seeds: give at least one seed")
         for level in ("pretrain", "finetune"):
             engine, budget = getattr(self.engines, level), getattr(self.train, f"{level}_steps")
-            if engine["name"] == "unrolled" and engine["steps"] > budget:
-                raise ConfigError(f"engines.{level}.steps ({engine['steps']}) cannot exceed "
-                                  f"train.{level}_steps ({budget})")
+            if isinstance(engine, mlo.Unrolled) and engine.steps > budget:
+                raise ConfigError(f"engines.{level}.steps ({engine.steps}) cannot exceed "
+                                  f"train.{level}_steps ({budget})", field=f"engines.{level}.steps")
 
 
 def run(r: Run) -> dict:

@@ -10,8 +10,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+import mlo
 from applications.common import ConfigError
-from applications.common.engines import EngineSpec, build_engine, engine_field, resolve_engine
 from applications.common.run_folder import LoggingConfig
 
 from .data import DATASETS, FOLDER_DATASETS
@@ -160,26 +160,26 @@ class ExplainConfig:
 class EnginesConfig:
     """Engine per edge (the paper: one-step unrolled with finite-difference products).
 
-    Each is an mlo engine spec, ``{name: cg, iterations: 20, tol: 1e-6}`` (or just a
+    Each is an mlo engine, written ``{name: cg, iterations: 20, tol: 1e-6}`` (or just a
     name); every field of the engine can be set and the rest keep mlo's defaults.
     """
 
-    explainer: EngineSpec = engine_field("finite_difference")     # E' w.r.t. A
-    explanation: EngineSpec = engine_field("finite_difference")   # Δ' w.r.t. E'
-    audience: EngineSpec = engine_field("finite_difference")      # W' w.r.t. Δ'
+    explainer: mlo.Engine = mlo.FiniteDifference()     # E' w.r.t. A
+    explanation: mlo.Engine = mlo.FiniteDifference()   # Δ' w.r.t. E'
+    audience: mlo.Engine = mlo.FiniteDifference()      # W' w.r.t. Δ'
 
     def validate(self):
         for edge in ("explainer", "explanation", "audience"):
-            spec = resolve_engine(getattr(self, edge), f"engines.{edge}")
+            engine = getattr(self, edge)
             # every LeaSE problem takes one optimizer step per outer step (PGD's explanation edge is first order)
-            if spec["name"] == "unrolled":
-                _need(spec["steps"] == 1, f"engines.{edge}.steps", "1 (each LeaSE problem takes one step per "
-                      "iteration, so unrolled differentiates that one step)", spec["steps"])
-            setattr(self, edge, spec)
+            if isinstance(engine, mlo.Unrolled) and engine.steps != 1:
+                raise ConfigError(f"engines.{edge}.steps: expected 1 (each LeaSE problem takes one step per "
+                                  f"iteration, so unrolled differentiates that one step), got {engine.steps}",
+                                  field=f"engines.{edge}.steps")
 
-    def build(self, edge: str):
+    def build(self, edge: str) -> mlo.Engine:
         """The mlo engine of ``edge`` (explainer, explanation or audience)."""
-        return build_engine(getattr(self, edge), f"engines.{edge}")
+        return getattr(self, edge)
 
 
 @dataclass

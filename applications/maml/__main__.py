@@ -41,7 +41,6 @@ import torch
 import mlo
 from applications import digits
 from applications.common import ConfigError
-from applications.common.engines import EngineSpec, build_engine, engine_field, resolve_engine
 from applications.common.run_folder import LoggingConfig, Run
 from applications.experiment import Experiment, digits_program, run_program
 
@@ -88,16 +87,12 @@ class PretrainConfig:
 class EnginesConfig:
     """The engine on each task→meta edge (any field of that mlo engine)."""
 
-    maml: EngineSpec = engine_field("unrolled", steps=5)      # steps must equal inner.steps for exact MAML
-    imaml: EngineSpec = engine_field("cg", iterations=5)
-    fomaml: EngineSpec = engine_field("fomaml")
-
-    def validate(self) -> None:
-        for name in ("maml", "imaml", "fomaml"):
-            setattr(self, name, resolve_engine(getattr(self, name), f"engines.{name}"))
+    maml: mlo.Engine = mlo.Unrolled(steps=5)      # steps must equal inner.steps for exact MAML
+    imaml: mlo.Engine = mlo.CG(iterations=5)
+    fomaml: mlo.Engine = mlo.FOMAML()
 
     def make(self, method: str) -> mlo.Engine:
-        return build_engine(getattr(self, method), f"engines.{method}")
+        return getattr(self, method)
 
 
 @dataclass
@@ -157,9 +152,9 @@ class MAMLConfig:
         if self.imaml_lam < 0:
             raise ConfigError(f"imaml_lam: must be >= 0, got {self.imaml_lam}")
         maml = self.engines.maml
-        if maml["name"] == "unrolled" and maml["steps"] > self.inner.steps:
-            raise ConfigError(f"engines.maml.steps ({maml['steps']}) cannot exceed inner.steps "
-                              f"({self.inner.steps}); equal is exact MAML")
+        if isinstance(maml, mlo.Unrolled) and maml.steps > self.inner.steps:
+            raise ConfigError(f"engines.maml.steps ({maml.steps}) cannot exceed inner.steps "
+                              f"({self.inner.steps}); equal is exact MAML", field="engines.maml.steps")
 
 
 def run(r: Run) -> dict:

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+import mlo
 from applications.common import ConfigError
-from applications.common.engines import EngineSpec, build_engine, engine_field, resolve_engine
 from applications.common.run_folder import LoggingConfig, Run
 from applications.experiment import Experiment, digits_program, run_program, over_seeds, plot_over_seeds
 
@@ -52,28 +52,27 @@ class ClassifierConfig:
     batch_size: int = 100
 
 
+#: the engines of a one-step look-ahead through the classifier's step (it takes one step per outer step)
+OneStepEngine = mlo.Unrolled | mlo.FiniteDifference
+
+
+def one_step(engine: OneStepEngine, where: str) -> None:
+    if isinstance(engine, mlo.Unrolled) and engine.steps != 1:
+        raise ConfigError(f"{where}.steps: expected 1 (the classifier takes one step per outer step, so this "
+                          f"is a one-step look-ahead), got {engine.steps}", field=f"{where}.steps")
+
+
 @dataclass
 class WeightNetConfig:
     hidden: int = 32
     lr: float = 0.01                 # Adam
     weight_decay: float = 1e-4
     normalize: bool = True           # divide the weighted loss by the sum of the weights
-    engine: EngineSpec = engine_field("unrolled")   # the classifier's engine: unrolled (exact one step) or
-    #                                                  finite_difference; an mlo engine spec (name + its fields)
+    engine: OneStepEngine = mlo.Unrolled()   # the classifier's engine: unrolled (exact one step) or
+    #                                           finite_difference, with any of that engine's fields
 
     def validate(self) -> None:
-        self.engine = one_step_engine(self.engine, "weight_net.engine")
-
-
-def one_step_engine(spec: EngineSpec, where: str) -> dict:
-    """``spec`` resolved, if it is a one-step look-ahead through the classifier's step."""
-    spec = resolve_engine(spec, where)
-    name = spec["name"]
-    if name not in ("unrolled", "finite_difference") or spec.get("steps", 1) != 1:
-        raise ConfigError(f"{where}: expected unrolled (steps 1) or finite_difference, got {name!r} "
-                          f"{spec} (the classifier takes one step per outer step, so this is a one-step "
-                          "look-ahead)")
-    return spec
+        one_step(self.engine, "weight_net.engine")
 
 
 @dataclass
@@ -81,12 +80,12 @@ class WeightTableConfig:
     lr: float = 3000.0               # SGD on the logits (a row's hypergradient is ~ classifier lr / batch size)
     init: float = 0.0                # initial logit of every example (0: uniform weights)
     sparse: bool = True              # declare the table row-sparse (False: dense, same numbers, table-sized steps)
-    engine: EngineSpec = engine_field("unrolled")   # the classifier's engine in this method (as weight_net.engine)
+    engine: OneStepEngine = mlo.Unrolled()   # the classifier's engine in this method (as weight_net.engine)
 
     def validate(self) -> None:
         if self.lr <= 0:
             raise ConfigError(f"weight_table.lr: must be > 0, got {self.lr}")
-        self.engine = one_step_engine(self.engine, "weight_table.engine")
+        one_step(self.engine, "weight_table.engine")
 
 
 @dataclass
@@ -124,15 +123,14 @@ def run(r: Run) -> dict:
                                   cfg.data.test_fraction, device)
         for method in cfg.methods:
             tcfg = cfg.weight_table
-            engine, where = ((tcfg.engine, "weight_table.engine") if method == "weight_table"
-                             else (cfg.weight_net.engine, "weight_net.engine"))
+            engine = tcfg.engine if method == "weight_table" else cfg.weight_net.engine
             graph, clf, wnet = problems.build_graph(
                 data, method, seed=seed, hidden=cfg.classifier.hidden, lr=cfg.classifier.lr,
                 momentum=cfg.classifier.momentum, batch_size=cfg.classifier.batch_size,
                 weight_net_hidden=cfg.weight_net.hidden, weight_net_lr=cfg.weight_net.lr,
                 weight_net_decay=cfg.weight_net.weight_decay, normalize=cfg.weight_net.normalize,
                 table_lr=tcfg.lr, table_init=tcfg.init, sparse_table=tcfg.sparse,
-                engine=build_engine(engine, where))
+                engine=engine)
 
             def summary(clf=clf, wnet=wnet, data=data, method=method):
                 out = problems.evaluate(clf, data)

@@ -22,8 +22,9 @@ import os
 import pytest
 import yaml
 
+import mlo
 from applications.common.config import config_keys, load_config
-from applications.common.run_folder import LoggingConfig, Program, build_parser, cli_main
+from applications.common.run_folder import LoggingConfig, Program, build_parser, cli_main, open_run
 from tests.subproc import run_module
 
 from tests.lease.tiny import search_args
@@ -126,13 +127,35 @@ def test_print_config_shows_every_key_and_writes_nothing(module, tmp_path, capsy
             if isinstance(v, dict) and v:
                 walk(v, key)
     walk(printed)
-    missing = [k for k, _ in config_keys(_program(module).config_cls) if k not in keys]
+
+    def other_engines_field(key):        # a field of the default engine where the preset chose another one
+        parent = printed
+        for part in key.split(".")[:-1]:
+            parent = parent.get(part) if isinstance(parent, dict) else None
+        return isinstance(parent, dict) and parent.get("name") in mlo.ENGINES and \
+            parent == mlo.engine_to_config(mlo.engine_from_config(parent))   # with every field of its own
+
+    missing = [k for k, _ in config_keys(_program(module).config_cls) if k not in keys and not other_engines_field(k)]
     assert not missing, missing
     assert printed["logging"]["progress"] is False
     assert not out.exists()
     code, stdout, _ = _main(module, ["--print-config", "--seed", "7"], capsys)
     seeds = yaml.safe_load(stdout)
     assert code == 0 and seeds.get("seed", seeds.get("seeds")) in (7, [7])
+
+
+@pytest.mark.parametrize("name", sorted(mlo.ENGINES))
+def test_print_config_and_resume_give_back_every_engine_kind(name, tmp_path, capsys):
+    """An engine is printed as its mapping, and a run folder's config.yaml of it resumes to the same engine."""
+    module, engine = "applications.maml", mlo.ENGINES[name]()
+    code, stdout, _ = _main(module, ["--print-config", "--set", f"engines.imaml={name}"], capsys)
+    assert code == 0 and yaml.safe_load(stdout)["engines"]["imaml"] == mlo.engine_to_config(engine)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(stdout)
+    program = _program(module)
+    run = open_run(program, build_parser(program).parse_args(["--resume", str(run_dir)]))
+    assert type(run.cfg.engines.imaml) is type(engine) and run.cfg.engines.imaml == engine
 
 
 @pytest.mark.parametrize("module", ALL)

@@ -86,6 +86,7 @@ def test_only_visited_rows_move(tmp_path):
 
 def test_bad_table_settings_are_one_line_errors():
     for setting, message in [("weight_table.lr=0", "weight_table.lr: must be > 0"),
-                             ("weight_table.engine=cg", "weight_table.engine: expected unrolled")]:
+                             ("weight_table.engine=cg", "weight_table.engine.name: unknown engine 'cg'; "
+                                                         "choose one of unrolled, finite_difference")]:
         proc = run_module("applications.reweight", ["--print-config", "--set", setting], expect=2)
         assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -1,10 +1,11 @@
 """applications.common.config: typed dataclass configs from YAML + overrides."""
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Literal, Optional
 
 import pytest
 
+import mlo
 from applications.common.config import ConfigError, config_keys, config_to_dict, load_config, save_config
 
 
@@ -108,24 +109,81 @@ def test_save_and_reload_roundtrip(tmp_path):
 
 @dataclass
 class WithEngine:
-    engine: Union[dict[str, Any], str] = field(default_factory=lambda: {"name": "unrolled", "steps": 3})
+    engine: mlo.Engine = mlo.Unrolled(steps=3)
     inner: Data = field(default_factory=Data)
+    one_step: Optional[mlo.Unrolled | mlo.FiniteDifference] = None
 
 
-def test_mapping_fields_take_any_key_and_a_new_name_starts_fresh(tmp_path):
-    """An engine spec is a free-form mapping: --set reaches into it; changing its name drops the old fields."""
+def test_engine_fields_take_any_field_and_a_new_name_starts_fresh(tmp_path):
+    """--set reaches into an engine; its default's fields are kept; changing its name drops the old fields."""
     cfg = load_config(WithEngine, None, ["engine.steps=5"])
-    assert cfg.engine == {"name": "unrolled", "steps": 5}          # merged with the default mapping
+    assert cfg.engine == mlo.Unrolled(steps=5)                      # merged with the default engine
     cfg = load_config(WithEngine, None, ["engine.name=cg", "engine.tol=1e-6"])
-    assert cfg.engine == {"name": "cg", "tol": 1e-6}               # 1e-6 is a number, not YAML 1.1's string
+    assert cfg.engine == mlo.CG(tol=1e-6)                           # 1e-6 is a number, not YAML 1.1's string
     path = tmp_path / "c.yaml"
     path.write_text("engine: {name: finite_difference, eps: 0.1}\n")
-    assert load_config(WithEngine, str(path), ["engine.name=cg"]).engine == {"name": "cg"}
-    assert load_config(WithEngine, None, ["engine=neumann"]).engine == "neumann"
-    assert load_config(WithEngine, None, ["engine=neumann", "engine.alpha=0.5"]).engine == {"name": "neumann",
-                                                                                              "alpha": 0.5}
+    assert load_config(WithEngine, str(path), []).engine == mlo.FiniteDifference(eps=0.1)
+    assert load_config(WithEngine, str(path), ["engine.name=cg"]).engine == mlo.CG()
+    assert load_config(WithEngine, None, ["engine=neumann"]).engine == mlo.Neumann()
+    assert load_config(WithEngine, None, ["engine=neumann", "engine.alpha=0.5"]).engine == mlo.Neumann(alpha=0.5)
+    assert load_config(WithEngine, None, ["engine.name=unrolled", "engine.reuse_step_graph=yes",
+                                          "engine.steps=1"]).engine == mlo.Unrolled(reuse_step_graph=True)
     with pytest.raises(ConfigError, match="unknown key 'inner.nope'"):
         load_config(WithEngine, None, ["inner.nope=1"])
+
+
+def test_an_engine_in_a_loaded_config_is_an_engine_and_saves_as_its_mapping(tmp_path):
+    cfg = load_config(WithEngine, None, ["engine.name=cg", "engine.iterations=4", "one_step=finite_difference"])
+    assert isinstance(cfg.engine, mlo.CG) and isinstance(cfg.one_step, mlo.FiniteDifference)
+    plain = config_to_dict(cfg)
+    assert plain["engine"] == {"name": "cg", "iterations": 4, "damping": 0.0, "tol": None}
+    assert plain["one_step"] == {"name": "finite_difference", "eps": 0.01} and plain["inner"]["name"] == "digits"
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(WithEngine, str(tmp_path / "saved.yaml"), []) == cfg
+    keys = dict(config_keys(WithEngine))
+    assert keys["engine.name"] == "unrolled" and keys["engine.steps"] == 3 and keys["one_step"] is None
+
+
+@pytest.mark.parametrize("engine", [mlo.ENGINES[n]() for n in mlo.ENGINES] + [
+    mlo.Unrolled(steps=4), mlo.Unrolled(reuse_step_graph=True), mlo.FiniteDifference(eps=0.05),
+    mlo.Neumann(iterations=3, alpha=None), mlo.CG(iterations=7, damping=0.1, tol=1e-8),
+    mlo.MINRES(iterations=9, damping=0.5, tol=1e-7), mlo.DenseImplicit(damping=0.2, max_params=100)])
+def test_every_engine_kind_round_trips_through_a_saved_config(tmp_path, engine):
+    cfg = WithEngine(engine=engine)
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(WithEngine, str(tmp_path / "config.yaml"), [])
+    assert again == cfg and type(again.engine) is type(engine)
+
+
+def test_an_engine_is_parsed_once_per_setting(monkeypatch):
+    import applications.common.config as config_module
+    calls = []
+    real = config_module._engine_from_config
+    monkeypatch.setattr(config_module, "_engine_from_config", lambda *a, **k: calls.append(a) or real(*a, **k))
+    load_config(WithEngine, None, ["engine.name=cg", "engine.iterations=3", "engine.tol=1e-5",
+                                          "one_step=finite_difference", "one_step.eps=0.2"])
+    assert len(calls) == 2                        # engine and one_step, each once, whatever the number of keys
+    calls.clear()
+    load_config(WithEngine, None, [])
+    assert calls == []                            # defaults are engines already: nothing to parse
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["engine.name=cg", "engine.iterations=0"], "engine.iterations"),
+    (["engine.name=cg", "engine.iterations=ten"], "engine.iterations"),
+    (["engine.name=cgg"], "engine.name"),
+    (["engine.tolerance=3"], "engine.tolerance"),
+    (["engine.steps=2", "engine.reuse_step_graph=true"], "engine.reuse_step_graph"),
+    (["one_step=cg"], "one_step.name"),
+    (["inner.fraction=abc"], "inner.fraction"),
+    (["inner.nope=1"], "inner.nope"),
+])
+def test_a_bad_engine_field_is_named_by_the_error_attribute(overrides, field):
+    with pytest.raises(mlo.ConfigError) as err:
+        load_config(WithEngine, None, overrides)
+    assert err.value.field == field
+    assert str(err.value).startswith(field) or f"'{field}'" in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 def test_a_folder_as_config_is_one_line(tmp_path):
