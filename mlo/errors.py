@@ -12,9 +12,10 @@ class GraphError(MLOError, ValueError):
 class ConfigError(MLOError, ValueError):
     """An engine or problem setting has an invalid value (the message names the field).
 
-    ``field`` is the dotted path of the offending setting where it is known
-    (``"engines.audience.iterations"`` from a config, ``"iterations"`` from an engine's own
-    check), else ``None``; code reads it here instead of parsing the message.
+    ``field`` is the dotted path of the offending setting where it is known (every error of
+    ``mlo.engine_from_config`` and of the applications' config loader:
+    ``"engines.audience.iterations"``), else ``None``; code reads it here instead of
+    parsing the message.
     """
 
     def __init__(self, message: str, field: str | None = None):
