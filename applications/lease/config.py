@@ -21,7 +21,7 @@ from .spaces import SPACES, PDartsSchedule
 def _need(ok: bool, key: str, what: str, value) -> None:
     """Raise ``ConfigError("<key>: expected <what>, got <value>")`` unless ``ok``."""
     if not ok:
-        raise ConfigError(f"{key}: expected {what}, got {value!r}")
+        raise ConfigError(f"{key}: expected {what}, got {value!r}", field=key)
 
 
 def _positive(key: str, value) -> None:
@@ -56,7 +56,8 @@ class DataConfig:
             _need(0 < self.subset_fraction <= 1, "data.subset_fraction", "a number in (0, 1] or null",
                   self.subset_fraction)
         if self.name in FOLDER_DATASETS and self.root is None:
-            raise ConfigError(f"data.root: dataset {self.name!r} needs a data folder (--set data.root=DIR)")
+            raise ConfigError(f"data.root: dataset {self.name!r} needs a data folder (--set data.root=DIR)",
+                              field="data.root")
 
 
 @dataclass
@@ -80,13 +81,14 @@ class SpaceConfig:
 
     def validate(self):
         if self.name not in SPACES:
-            raise ConfigError(f"space.name: expected one of {', '.join(repr(k) for k in SPACES)}, got {self.name!r}")
+            raise ConfigError(f"space.name: expected one of {', '.join(repr(k) for k in SPACES)}, got {self.name!r}",
+                              field="space.name")
         for f in ("C", "layers", "nodes", "stem_multiplier", "pc_k"):
             if getattr(self, f) < 1:
-                raise ConfigError(f"space.{f}: expected an integer >= 1, got {getattr(self, f)}")
+                raise ConfigError(f"space.{f}: expected an integer >= 1, got {getattr(self, f)}", field=f"space.{f}")
         if self.name == "pcdarts" and self.C % self.pc_k:
             raise ConfigError(f"space.pc_k: PC-DARTS searches C // pc_k channels, so space.C={self.C} must be "
-                              f"divisible by space.pc_k={self.pc_k}")
+                              f"divisible by space.pc_k={self.pc_k}", field="space.pc_k")
 
 
 @dataclass
@@ -217,14 +219,16 @@ class SearchConfig:
                   f"an integer in [0, epochs={self.epochs}) (the architecture must get some steps)",
                   self.arch_start_epoch)
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
-            raise ConfigError(f"max_steps_per_epoch: expected an integer >= 1 or null, got {self.max_steps_per_epoch}")
+            raise ConfigError(f"max_steps_per_epoch: expected an integer >= 1 or null, got {self.max_steps_per_epoch}",
+                              field="max_steps_per_epoch")
         _nonnegative("gamma", self.gamma)
         _at_least("seed", self.seed, 0)
         if self.mode == "baseline" and self.audience_only:
-            raise ConfigError("audience_only: the baseline mode has no audience")
+            raise ConfigError("audience_only: the baseline mode has no audience", field="audience_only")
         _at_least("log_every", self.log_every, 1)
         _at_least("checkpoint_every", self.checkpoint_every, 1)
         if self.bf16 and self.dtype != "float32":
-            raise ConfigError(f"bf16: autocast needs float32 parameters (the master values); got dtype={self.dtype}")
+            raise ConfigError(f"bf16: autocast needs float32 parameters (the master values); got dtype={self.dtype}",
+                              field="bf16")
         self.weights.check("weights")
         self.audience_optim.check("audience_optim")

@@ -195,3 +195,17 @@ def test_config_keys_lists_every_leaf_with_its_default():
     keys = dict(config_keys(Cfg))
     assert keys["train.epochs"] == 7 and keys["data.root"] is None and keys["seed"] == 0
     assert len(keys) == len(Data.__dataclass_fields__) + len(Optim.__dataclass_fields__) + 1
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["engines.audience.name=unrolled", "engines.audience.reuse_step_graph=false", "engines.audience.steps=2"],
+     "engines.audience.steps"),                                   # LeaSE's own check: one step per iteration
+    (["engines.explainer.name=cg", "engines.explainer.iterations=0"], "engines.explainer.iterations"),
+    (["space.C=0"], "space.C"),
+    (["bf16=true", "dtype=float64"], "bf16"),
+])
+def test_the_search_configs_checks_name_the_field_as_an_attribute(overrides, field):
+    from applications.lease.config import SearchConfig
+    with pytest.raises(mlo.ConfigError) as err:
+        load_config(SearchConfig, None, overrides)
+    assert err.value.field == field and str(err.value).startswith(f"{field}: ")
