@@ -17,13 +17,16 @@ engine itself; a mapping without ``name``, or with the default's name, keeps the
 other fields, and a new name starts from that engine's own defaults. Written out
 (:func:`config_to_dict`, ``--print-config``, a run's config.yaml) an engine is its
 ``mlo.engine_to_config`` mapping again, which loads back to an equal engine.
-Every error's ``field`` attribute holds the offending key's path.
+An error about a key carries that key's path in its ``field`` attribute (``None`` for a
+file that cannot be read or an override that is not ``KEY=VALUE``).
 
 Why not OmegaConf structured configs or jsonargparse (both tried, OmegaConf 2.3.0/2.4.0,
 jsonargparse 4.53): OmegaConf's errors are four lines (key, reference and object types),
 2.3 refuses ``Literal`` fields, and an engine field becomes a nested config of its
 default's class with no ``name`` tag, so ``--set engines.x.name=cg`` cannot switch the
-engine; the tagged union and one-line errors would stay here as glue around it.
+engine; ``--set data.name=no`` gives a ``str`` field the text ``'False'`` and
+``--set train.milestones=5,6`` is refused (both kept as typed here); the tagged union
+and the one-line errors would stay here as glue around it.
 jsonargparse takes over the command line (``--cfg.train.lr=...`` instead of ``--set``),
 its errors are two lines, and an unknown key is "unrecognized arguments" with no
 suggestion or list of valid keys.
