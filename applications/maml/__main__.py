@@ -102,8 +102,8 @@ class MAMLConfig:
     outer_steps: int = 300           # meta-training steps of each meta-learner
     meta_batch: int = 4              # tasks per meta-training step (one problem each)
     task_batched: bool = False       # the meta-batch as one task-batched problem (Problem(tasks=...), vmap)
-    meta_lr: float = 0.001           # Adam on the meta-parameters θ
-    imaml_lam: float = 1.0           # iMAML's proximal weight λ (training and test-time adaptation)
+    meta_lr: float = 3e-5            # Adam on the meta-parameters θ (chosen on meta-validation, docs/maml.md)
+    imaml_lam: float = 0.03          # iMAML's proximal weight λ (training and test-time adaptation; chosen likewise)
     hidden: int = 32                 # two hidden layers of this width
     log_every: int = 25
     checkpoint_every: int = 100
