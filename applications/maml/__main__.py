@@ -67,7 +67,7 @@ class EvalConfig:
 
     def validate(self) -> None:
         if self.split not in ("val", "test"):
-            raise ConfigError(f"eval.split: expected val or test, got {self.split!r}")
+            raise ConfigError(f"eval.split: expected val or test, got {self.split!r}", field="eval.split")
 
 
 @dataclass
@@ -128,12 +128,12 @@ class MAMLConfig:
         for key in ("test_classes", "val_classes"):
             classes = getattr(d, key)
             if len(set(classes)) != len(classes) or not set(classes) <= set(range(10)):
-                raise ConfigError(f"data.{key}: expected distinct digits 0..9, got {classes}")
+                raise ConfigError(f"data.{key}: expected distinct digits 0..9, got {classes}", field=f"data.{key}")
         if set(d.val_classes) & set(d.test_classes):
             raise ConfigError(f"data.val_classes: must not overlap data.test_classes, got {d.val_classes} "
-                              f"and {d.test_classes}")
+                              f"and {d.test_classes}", field="data.val_classes")
         if not d.val_classes and not 0.0 < d.val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction: must be in (0, 1), got {d.val_fraction}")
+            raise ConfigError(f"data.val_fraction: must be in (0, 1), got {d.val_fraction}", field="data.val_fraction")
         if d.k_shot < 1 or d.n_query < 1 or d.test_episodes < 1 or d.val_episodes < 1:
             raise ConfigError("data: k_shot, n_query, test_episodes, val_episodes must be >= 1")
         labels = digits.arrays()[1]
@@ -143,10 +143,10 @@ class MAMLConfig:
             counts = counts[counts > 0]
             if not 2 <= d.n_way <= len(counts):
                 raise ConfigError(f"data.n_way: must be >= 2 and at most the number of {name} classes "
-                                  f"({len(counts)}), got {d.n_way}")
+                                  f"({len(counts)}), got {d.n_way}", field="data.n_way")
             if d.k_shot + d.n_query > counts.min():
                 raise ConfigError(f"data: k_shot + n_query ({d.k_shot + d.n_query}) exceeds the smallest "
-                                  f"{name} class ({counts.min()} examples)")
+                                  f"{name} class ({counts.min()} examples)", field="data.k_shot")
         if self.inner.steps < 1 or self.pretrain.steps < 1:
             raise ConfigError("inner.steps and pretrain.steps: must be >= 1")
         if self.imaml_lam < 0:

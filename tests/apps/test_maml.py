@@ -13,6 +13,7 @@ from torch.func import functional_call
 
 import mlo
 from applications import digits
+from applications.common import ConfigError, load_config
 from applications.maml import __main__ as cli
 from applications.maml import problems
 from tests.subproc import run_module
@@ -149,15 +150,19 @@ def test_val_evaluation_never_draws_a_meta_test_class(tmp_path, monkeypatch, val
 
 def test_bad_split_config_is_one_line(tmp_path, capsys):
     out = str(tmp_path / "run")
-    for sets, words in ((["eval.split=train"], "eval.split"),
-                        (["data.val_classes=[6,7]"], "overlap"),
-                        (["data.val_classes=[]", "data.val_fraction=1.0"], "val_fraction"),
-                        (["data.val_classes=[0,1,2,3,4]"], "number of train classes (2)"),
-                        (["data.val_classes=[0,1]"], "number of val classes (2)"),
-                        (["data.val_classes=[]", "data.val_fraction=0.02"], "smallest val class")):
+    cases = ((["eval.split=train"], "eval.split", "eval.split"),
+             (["data.val_classes=[6,7]"], "overlap", "data.val_classes"),
+             (["data.val_classes=[]", "data.val_fraction=1.0"], "val_fraction", "data.val_fraction"),
+             (["data.val_classes=[0,1,2,3,4]"], "number of train classes (2)", "data.n_way"),
+             (["data.val_classes=[0,1]"], "number of val classes (2)", "data.n_way"),
+             (["data.val_classes=[]", "data.val_fraction=0.02"], "smallest val class", "data.k_shot"))
+    for sets, words, key in cases:
         args = [a for kv in sets for a in ("--set", kv)]
         assert cli.main(["--config", tiny("maml"), "--out", out, *args, *ARGS]) == 2
         assert words in capsys.readouterr().err, sets
+        with pytest.raises(ConfigError) as err:
+            load_config(cli.MAMLConfig, tiny("maml"), sets)
+        assert err.value.field == key, sets
     assert not os.path.exists(out)
 
 
