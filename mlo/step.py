@@ -120,7 +120,7 @@ class Stepper:
                 batch = self._next_batch(problem, k)
                 binding = Binding.of(self.graph, problem, batch, sparse)
                 state = rng.capture_torch() if recorded else None   # replayed by the engines
-                kept = binding.keeps(plan.kept_reads) if k == problem.steps - 1 and plan.kept_reads else []
+                kept = binding.keeps(plan.kept_reads) if k >= problem.steps - plan.kept_steps and plan.kept_reads else []
                 d = self._direction(binding, plan, batch, constants, keep_adjoints, kept)
                 if name == stop_at:
                     return d

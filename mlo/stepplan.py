@@ -2,8 +2,8 @@
 
 For each problem: how many step records to keep, whether its runs are recorded at
 all, which reads are adjoint seeds, which reads a kept step graph holds
-(``Unrolled(reuse_step_graph=True)`` edges: the Stepper's decision, not the
-engine's), and its reverse sweep as a list of engine calls — one per problem of
+(``Unrolled(reuse_step_graph=True)`` edges, and for how many of the last steps: the
+Stepper's decision, not the engine's), and its reverse sweep as a list of engine calls — one per problem of
 the sweep and engine, with the reads it serves, whether it differentiates a
 nested hypergradient (``mlo.nested``) and the name it is counted under in
 ``Stepper.vjp_calls``. ``compile(graph)`` builds it from ``graph.plans``; a
@@ -43,6 +43,7 @@ class ProblemPlan:
     seeds: frozenset[str]           # reads whose updated solution depends on this problem (adjoint seeds)
     kept_reads: tuple[str, ...]     # reads whose edge is Unrolled(reuse_step_graph=True)
     sweep: tuple[SweepCall, ...]    # the reverse sweep that brings back this problem's hypergradient
+    kept_steps: int = 1             # how many of the run's last steps keep their gradient graph
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ def compile(graph) -> StepPlan:
         recorded = name in graph.differentiated
         kept = tuple(r for r in graph.problems[name].reads
                      if recorded and getattr(graph.engines[(name, r)], "reuse_step_graph", False))
+        steps = max([graph.engines[(name, r)].steps for r in kept], default=1)
         problems[name] = ProblemPlan(graph.records_needed.get(name, 0), recorded, frozenset(plan.upstream), kept,
-                                     tuple(sweep))
+                                     tuple(sweep), steps)
     return StepPlan(graph.plans, problems, graph.modules(), any(p.rows is not None for p in graph.problems.values()))

@@ -35,7 +35,7 @@ def seeds(loss: Tensor, own: Tree, leaves: dict[str, Tree], kept: dict[str, Tree
     if loss.requires_grad:
         gs = torch.autograd.grad(loss, targets, allow_unused=True, materialize_grads=True, create_graph=bool(kept))
         if kept:
-            step_graph = StepGraph(dict(zip(own, gs)), kept)
+            step_graph = StepGraph(dict(zip(own, gs)), kept, own)   # own: the point's leaves
             gs = [g.detach().clone() for g in gs]   # the update clips in place; the kept values must stay
     else:  # the objective does not depend on anything this problem can change
         gs = [torch.zeros_like(t) for t in targets]

@@ -31,7 +31,7 @@ class StepRecord:
     grad: Tree | None = None         # the update direction the step used (before clipping), if kept
     rows: dict = field(default_factory=dict)   # {row-sparse problem: the mlo.rows.Rows this batch named}
     #: this step's gradient with its graph, when the ``Stepper`` kept it for an edge
-    #: ``Unrolled(reuse_step_graph=True)`` (the last step of a run, reads that are not row-sparse)
+    #: ``Unrolled(steps=K, reuse_step_graph=True)`` (the last K steps of a run, reads that are not row-sparse)
     step_graph: "StepGraph | None" = None
 
 
@@ -41,7 +41,7 @@ class StepGraph:
 
     ``grad``: ``∇_w loss`` (or a whole update direction, ``RunRecord.gradient``) with its graph;
     ``reads``: ``{read: leaves}`` it depends on (mixed products ``Mᵀq``); ``params``: the
-    parameter leaves (Hessian-vector products; ``None`` for a real step's graph);
+    parameter leaves (Hessian-vector products; for a real step's graph, the point's leaves);
     ``create_graph``: the products keep their own graph too (``mlo.nested``).
     """
 

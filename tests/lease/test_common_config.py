@@ -173,7 +173,7 @@ def test_an_engine_is_parsed_once_per_setting(monkeypatch):
     (["engine.name=cg", "engine.iterations=ten"], "engine.iterations"),
     (["engine.name=cgg"], "engine.name"),
     (["engine.tolerance=3"], "engine.tolerance"),
-    (["engine.steps=2", "engine.reuse_step_graph=true"], "engine.reuse_step_graph"),
+    (["engine.steps=0", "engine.reuse_step_graph=true"], "engine.steps"),
     (["one_step=cg"], "one_step.name"),
     (["inner.fraction=abc"], "inner.fraction"),
     (["inner.nope=1"], "inner.nope"),

@@ -80,7 +80,7 @@ def test_wrong_types_and_values_name_the_key_on_one_line(spec, where):
     ({"name": "cg", "iterations": "ten"}, "x.iterations"),
     ({"name": "cg", "iterations": 0}, "x.iterations"),                    # the engine's own check
     ({"name": "cg", "iterations": 3, "tol": -1.0}, "x.tol"),
-    ({"name": "unrolled", "steps": 2, "reuse_step_graph": True}, "x.reuse_step_graph"),   # a pair: the later field
+    ({"name": "unrolled", "steps": 0, "reuse_step_graph": True}, "x.steps"),   # the field the engine refuses
     (["cg"], "x"),
 ])
 def test_the_error_names_the_setting_in_its_field_attribute(spec, field):

@@ -76,8 +76,7 @@ def test_config_and_refusals():
     assert mlo.engine_to_config(REUSE) == {"name": "unrolled", "steps": 1, "reuse_step_graph": True}
     with pytest.raises(mlo.ConfigError, match=r"engine.reuse_step_graph: expected true or false, got 'yes'"):
         mlo.engine_from_config({"name": "unrolled", "reuse_step_graph": "yes"})
-    with pytest.raises(mlo.ConfigError, match="needs steps=1"):
-        mlo.Unrolled(steps=2, reuse_step_graph=True)
+    assert mlo.Unrolled(steps=3, reuse_step_graph=True).reference() == mlo.Unrolled(steps=3)
     assert REUSE.reference() == mlo.Unrolled(steps=1)
 
 
@@ -87,3 +86,63 @@ def test_the_stepper_keeps_a_step_graph_only_for_reuse_edges(engine, kept):
     stepper = mlo.Stepper(chain(engine, engine, engine))
     stepper.direction("A")
     assert [stepper.runs[p].last.step_graph is not None for p in ("E", "D", "W")] == [kept] * 3
+
+
+# ---------------------------------------------------------------- K steps: Unrolled(steps=K, reuse_step_graph=True)
+@pytest.fixture
+def kept_calls(monkeypatch):
+    calls = []
+    real = unrolled._kept_gradient
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+    monkeypatch.setattr(unrolled, "_kept_gradient", spy)
+    return calls
+
+
+def _close(a, b, tol=1e-12):
+    for k in b:
+        assert float((a[k] - b[k]).abs().max()) <= tol * float(b[k].abs().max()), (k, a[k], b[k])
+        assert b[k].abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("clip", [None, 0.05])
+@pytest.mark.parametrize("k, steps", [(3, 3), (2, 3)])   # all the run's steps; its last two (truncated)
+def test_k_steps_through_the_kept_graphs_match_the_recomputation(name, clip, k, steps, kept_calls):
+    plain = _bilevel(mlo.Unrolled(steps=k), OPTIMIZERS[name], clip, steps=steps)
+    reused = _bilevel(mlo.Unrolled(steps=k, reuse_step_graph=True), OPTIMIZERS[name], clip, steps=steps)
+    s1, s2 = mlo.Stepper(plain), mlo.Stepper(reused)
+    for _ in range(2):          # real steps: optimizer state builds up, the updates stay the same
+        s1.step()
+        s2.step()
+    a, b = mlo.hypergradient(reused, "outer")["hyper"], mlo.hypergradient(plain, "outer")["hyper"]
+    assert len(kept_calls) == 3 * k        # two real steps and the hypergradient, k kept graphs each
+    _close({"": a}, {"": b})
+    for p in ("inner", "outer"):
+        x, y = plain.problems[p].params_tree[""], reused.problems[p].params_tree[""]
+        assert torch.allclose(x, y, rtol=1e-13, atol=1e-15), p
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_k_steps_through_the_reset_are_exact_maml(momentum, kept_calls):
+    from .test_lifecycle import _hand_maml, _maml
+    graph, data = _maml(mlo.Unrolled(steps=3, reuse_step_graph=True), steps=3, lam=0.4, momentum=momentum)
+    plain, _ = _maml(mlo.Unrolled(steps=3), steps=3, lam=0.4, momentum=momentum)
+    theta = graph.problems["meta"].params_tree[""]
+    got = {"": mlo.hypergradient(graph, "meta")["hyper"]}
+    assert len(kept_calls) == 3
+    _close(got, {"": mlo.hypergradient(plain, "meta")["hyper"]})
+    _close(got, {"": _hand_maml(theta, data, 3, 0.1, lam=0.4, momentum=momentum)})
+
+
+def test_k_steps_on_a_task_batched_problem(kept_calls):
+    from .test_lifecycle import _meta_graphs
+    _, reused = _meta_graphs(mlo.Unrolled(steps=3, reuse_step_graph=True))
+    _, plain = _meta_graphs(mlo.Unrolled(steps=3))
+    separate, _ = _meta_graphs(mlo.Unrolled(steps=3))
+    got = mlo.hypergradient(reused, "meta")["hyper"]
+    assert len(kept_calls) == 3
+    _close(got, mlo.hypergradient(plain, "meta")["hyper"])
+    _close(got, mlo.hypergradient(separate, "meta")["hyper"], tol=1e-10)

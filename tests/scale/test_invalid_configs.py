@@ -103,7 +103,7 @@ def malformed(draw):
         ([f"engines.{edge}.name=unrolled", f"engines.{edge}.reuse_step_graph=false",
           f"engines.{edge}.steps={draw(st.integers(2, 9))}"], f"engines.{edge}.steps"),
         ([f"engines.{edge}.name=unrolled", f"engines.{edge}.reuse_step_graph=true",       # the presets' setting
-          f"engines.{edge}.steps={draw(st.integers(2, 9))}"], f"engines.{edge}.reuse_step_graph"),
+          f"engines.{edge}.steps={draw(st.integers(2, 9))}"], f"engines.{edge}.steps"),
         (["pdarts.ops_kept=[8, 5]"], "pdarts.ops_kept"),
         (["pdarts.dropout=[0.1, 1.5, 0.2]"], "pdarts.dropout"),
     ]))
