@@ -7,6 +7,9 @@ One MAML outer step (Adam on θ, exact second-order meta-gradient through
 * ``vectorized``: one ``Problem(tasks=N)`` (per-task parameters stacked, the
   objective under ``torch.func.vmap``) plus the meta problem;
 * ``separate``: N task problems plus the meta problem (what mlo offered before);
+* ``vectorized-reuse`` / ``separate-reuse``: the same with
+  ``Unrolled(steps=inner_steps, reuse_step_graph=True)``: the meta-gradient goes back through the
+  graphs the real inner steps kept, so the inner loop runs once;
 * ``handwritten``: the same step in plain ``torch.func`` (``vmap`` over tasks of
   ``grad`` through the inner loop, ``grad`` for the meta-gradient, ``Adam``).
 
@@ -14,7 +17,7 @@ Each variant runs in its own process (so peak memory is its own): ``--warmup``
 steps, then ``--steps`` timed steps; reported are wall time and process CPU
 time per step and the growth of the peak resident set over the process's size
 before the first (warm-up) step: the memory the steps need. ``--check`` first asserts in float64 (4 tasks) that the
-three compute the same θ after one step.
+variants compute the same θ after one step.
 """
 from __future__ import annotations
 
@@ -101,7 +104,10 @@ def build(variant: str, batches, tasks: int, inner_steps: int, inner_lr: float, 
         return step, theta
 
     sgd = lambda p: torch.optim.SGD(p, lr=inner_lr)          # noqa: E731
-    engine = mlo.Unrolled(steps=inner_steps)
+    variant, _, reuse = variant.partition("-")
+    if reuse not in ("", "reuse"):
+        raise ValueError(f"unknown variant {variant}-{reuse!r}")
+    engine = mlo.Unrolled(steps=inner_steps, reuse_step_graph=bool(reuse))
     if variant == "vectorized":
         def task_objective(ctx, batch):
             xs, ys, _, _ = batch
@@ -158,18 +164,18 @@ def measure(variant: str, args) -> dict:
 
 
 def check(tasks: int = 4) -> None:
-    """The three variants give the same θ after one step (float64)."""
+    """The variants give the same θ after one step (float64)."""
     batches = meta_batches(1, tasks, seed=2, dtype=torch.float64)
     out = {}
-    for v in ("vectorized", "separate", "handwritten"):
+    for v in ("vectorized", "vectorized-reuse", "separate", "handwritten"):
         step, theta = build(v, batches, tasks, 2, 0.4, 1e-3, torch.float64)
         step()
         out[v] = theta
-    for v in ("separate", "handwritten"):
+    for v in ("vectorized-reuse", "separate", "handwritten"):
         for k in out[v]:
             diff = float((out[v][k] - out["vectorized"][k]).detach().abs().max())
             assert diff < 1e-10, f"{v} differs from vectorized in {k}: {diff:.2e}"
-    print(f"check: vectorized, separate and hand-written steps agree in float64 ({tasks} tasks)", file=sys.stderr)
+    print(f"check: vectorized (with and without reuse), separate and hand-written steps agree in float64 ({tasks} tasks)", file=sys.stderr)
 
 
 def main(argv=None) -> int:
@@ -181,7 +187,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--variants", default="vectorized,separate,handwritten")
+    ap.add_argument("--variants", default="vectorized,vectorized-reuse,separate,separate-reuse,handwritten")
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
