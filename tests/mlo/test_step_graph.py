@@ -135,6 +135,7 @@ def test_k_steps_through_the_reset_are_exact_maml(momentum, kept_calls):
     assert len(kept_calls) == 3
     _close(got, {"": mlo.hypergradient(plain, "meta")["hyper"]})
     _close(got, {"": _hand_maml(theta, data, 3, 0.1, lam=0.4, momentum=momentum)})
+    assert mlo.check_hypergradient(graph, "meta").ok
 
 
 def test_k_steps_on_a_task_batched_problem(kept_calls):
