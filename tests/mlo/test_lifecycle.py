@@ -399,7 +399,7 @@ def test_task_batched_batchnorm_needs_the_loop():
     assert all(torch.isfinite(v).all() for v in looped.problems["meta"].params_tree.values())
 
 
-def test_unrolled_reusing_the_step_graph_falls_back_through_the_reset():
+def test_unrolled_reusing_the_step_graph_goes_through_the_reset():
     graph, data = _maml(mlo.Unrolled(steps=1, reuse_step_graph=True), steps=1, lam=0.4)
     theta = graph.problems["meta"].params_tree[""]
     got = _t(mlo.hypergradient(graph, "meta")["hyper"])
