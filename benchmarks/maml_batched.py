@@ -175,7 +175,8 @@ def check(tasks: int = 4) -> None:
         for k in out[v]:
             diff = float((out[v][k] - out["vectorized"][k]).detach().abs().max())
             assert diff < 1e-10, f"{v} differs from vectorized in {k}: {diff:.2e}"
-    print(f"check: vectorized (with and without reuse), separate and hand-written steps agree in float64 ({tasks} tasks)", file=sys.stderr)
+    print(f"check: vectorized (with and without reuse), separate and hand-written steps agree in float64 "
+          f"({tasks} tasks)", file=sys.stderr)
 
 
 def main(argv=None) -> int:

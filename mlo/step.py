@@ -120,7 +120,8 @@ class Stepper:
                 batch = self._next_batch(problem, k)
                 binding = Binding.of(self.graph, problem, batch, sparse)
                 state = rng.capture_torch() if recorded else None   # replayed by the engines
-                kept = binding.keeps(plan.kept_reads) if k >= problem.steps - plan.kept_steps and plan.kept_reads else []
+                last_k = k >= problem.steps - plan.kept_steps   # the steps whose gradient graph an edge reuses
+                kept = binding.keeps(plan.kept_reads) if last_k and plan.kept_reads else []
                 d = self._direction(binding, plan, batch, constants, keep_adjoints, kept)
                 if name == stop_at:
                     return d
