@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
+import time
 
 import torch
 
-__all__ = ["tune_cpu", "glibc"]
+__all__ = ["tune_cpu", "glibc", "free_cores"]
 
 # mallopt parameter numbers from glibc's <malloc.h>.
 M_TRIM_THRESHOLD = -1
@@ -81,3 +83,51 @@ def glibc():
     if not all(hasattr(libc, name) for name in ("gnu_get_libc_version", "mallopt", "malloc_trim")):
         return None
     return libc
+
+
+def _cpu_times(cpus: set[int]) -> tuple[int, int] | None:
+    """(idle, total) clock ticks summed over ``cpus`` from ``/proc/stat``; None where it cannot be read."""
+    try:
+        with open("/proc/stat") as f:
+            lines = f.readlines()
+    except OSError:
+        return None
+    idle = total = 0
+    seen = 0
+    for line in lines:
+        name, *fields = line.split()
+        if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in cpus:
+            continue
+        ticks = [int(x) for x in fields[:8]]          # user nice system idle iowait irq softirq steal
+        idle += ticks[3] + ticks[4]
+        total += sum(ticks)
+        seen += 1
+    return (idle, total) if seen == len(cpus) else None
+
+
+def free_cores(window: float = 0.25) -> int:
+    """How many of the cores this process may run on are idle now (at least 1).
+
+    The cores are ``os.sched_getaffinity(0)`` (what ``taskset``/cgroups allow, else
+    ``os.cpu_count()``); their idle share is measured from ``/proc/stat`` over ``window``
+    seconds, during which this process sleeps, so the count is what other processes
+    leave free at this moment. Without ``/proc/stat`` (not Linux) the cores minus the
+    1-minute load average.
+    """
+    try:
+        cpus = set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = set(range(os.cpu_count() or 1))
+    n = len(cpus)
+    before = _cpu_times(cpus)
+    if before is not None:
+        time.sleep(window)
+        after = _cpu_times(cpus)
+        if after is not None and after[1] > before[1]:
+            idle_share = (after[0] - before[0]) / (after[1] - before[1])
+            return max(1, min(n, round(idle_share * n)))
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return n
+    return max(1, min(n, round(n - load)))
