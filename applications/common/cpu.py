@@ -26,7 +26,7 @@ import time
 
 import torch
 
-__all__ = ["tune_cpu", "glibc", "free_cores"]
+__all__ = ["tune_cpu", "glibc", "free_cores", "threads_from_free_cores"]
 
 # mallopt parameter numbers from glibc's <malloc.h>.
 M_TRIM_THRESHOLD = -1
@@ -131,3 +131,22 @@ def free_cores(window: float = 0.25) -> int:
     except (AttributeError, OSError):
         return n
     return max(1, min(n, round(n - load)))
+
+
+def threads_from_free_cores(window: float = 0.1) -> int | None:
+    """Give torch as many threads as cores are free now, unless ``OMP_NUM_THREADS`` is set (it wins).
+
+    Returns the thread count set, or None when the environment fixes it. Beside other
+    CPU-bound jobs, torch's default (one thread per core) makes every thread wait for
+    the one that shares its core with another job, and libgomp's spinning threads take
+    the cores from the others: the default search's step went from 1.4 s idle to 50 s
+    beside one single-thread job on 2 cores, against 1.2 s with this count
+    (``python -m benchmarks.shared_cores``, docs/benchmarks.md). The count depends on
+    the load when the program starts, and floating-point reductions depend on it: set
+    ``OMP_NUM_THREADS`` for bit-identical reruns.
+    """
+    if os.environ.get("OMP_NUM_THREADS", "").strip():
+        return None
+    n = free_cores(window)
+    torch.set_num_threads(n)
+    return n

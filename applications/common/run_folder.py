@@ -50,6 +50,7 @@ import mlo.checkpoint
 
 from . import launch
 from .config import ConfigError, config_keys, load_config, save_config
+from .cpu import threads_from_free_cores
 
 __all__ = ["LoggingConfig", "Program", "Run", "Interrupted", "RunFailed", "build_parser", "open_run", "cli_main",
            "trim_logs", "one_line", "rank", "pick_device", "handle_interrupts", "restore_handlers", "read_resume"]
@@ -520,11 +521,15 @@ def _cli_main(program: Program, body: Callable[[Run], dict], argv: list[str] | N
             print(yaml.safe_dump(config_to_dict(run.cfg), sort_keys=False, default_flow_style=False), end="")
         return 0
     t0 = time.time()
+    threads = torch.get_num_threads()
+    if run.device.type == "cpu" and not launch.under_launcher():
+        threads_from_free_cores()         # OMP_NUM_THREADS, when set, wins (README, "Every program's command line")
     try:
         try:
             result = body(run)
         finally:
             run.release()
+            torch.set_num_threads(threads)
     except Interrupted as e:
         run.say(f"\n{e}; checkpoint saved. Continue with:\n  {run.resume_command(getattr(e, 'processes', 1))}")
         return 130

@@ -1,11 +1,16 @@
 """`benchmarks.shared_cores`: the table's structure, the settings' environments, and no competitor left behind."""
+import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import pytest
+import torch
 
+from applications.common.run_folder import LoggingConfig, Program, cli_main
 from benchmarks import shared_cores
-from tests.subproc import run_module
+from tests.subproc import ROOT, child_env, run_module
 
 
 def _alive(pid: int) -> bool:
@@ -84,3 +89,60 @@ def test_free_cores_reads_this_machine():
     from applications.common import cpu
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     assert 1 <= cpu.free_cores(window=0.05) <= n
+
+
+@dataclasses.dataclass
+class _Config:
+    seed: int = 0
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+
+
+def _threads_seen_by_a_program(tmp_path, name: str) -> int:
+    seen = []
+
+    def body(run):
+        seen.append(torch.get_num_threads())
+        return {}
+    program = Program(module="tiny", config_cls=_Config, description="d", default_config=None,
+                      default_out=lambda cfg: str(tmp_path / "default"))
+    assert cli_main(program, body, ["--out", str(tmp_path / name), "--device", "cpu", "--no-progress"]) == 0
+    return seen[0]
+
+
+def test_programs_take_their_thread_count_from_the_free_cores_unless_omp_num_threads_is_set(tmp_path, monkeypatch):
+    from applications.common import cpu
+    before = torch.get_num_threads()
+    monkeypatch.setattr(cpu, "free_cores", lambda window=0.25: 3)
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert _threads_seen_by_a_program(tmp_path, "unset") == 3
+        assert torch.get_num_threads() == 2                 # the caller's count is back afterwards
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")          # the user's setting wins
+        assert _threads_seen_by_a_program(tmp_path, "set") == 2
+        assert cpu.threads_from_free_cores() is None and torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", " ")          # empty: not a setting
+        assert cpu.threads_from_free_cores() == 3 and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_program_started_with_omp_num_threads_keeps_it(tmp_path):
+    """End to end: a real program's process, started beside nothing in particular, keeps the user's count."""
+    code = ("import sys, torch; from applications.common.run_folder import cli_main; "
+            "from tests.benchmarks.test_shared_cores import _Config; from applications.common.run_folder import Program; "
+            "p = Program(module='tiny', config_cls=_Config, description='d', default_config=None, "
+            "default_out=lambda c: sys.argv[1]); "
+            "start = torch.get_num_threads(); "
+            "sys.exit(cli_main(p, lambda run: {'start': start, 'threads': torch.get_num_threads()}, "
+            "['--out', sys.argv[1]]))")
+    for threads in ("1", "2"):
+        env = child_env(OMP_NUM_THREADS=threads)
+        env.pop("MKL_NUM_THREADS", None)             # torch takes the smaller of the two
+        proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / threads)], cwd=ROOT, capture_output=True,
+                              text=True, env=env, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        got = json.loads(proc.stdout)
+        assert got["threads"] == got["start"]        # torch's count from the user's variable, untouched
+        if threads == "1":
+            assert got["threads"] == 1
