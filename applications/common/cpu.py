@@ -14,6 +14,11 @@ Two things slow CPU training of conv nets with large activations:
 
 :func:`tune_cpu` applies both, once per process; it is a no-op where glibc is
 absent (macOS, Windows, musl).
+
+A third thing slows a run on shared cores: one torch thread per core when other jobs
+hold some of them. :func:`threads_from_free_cores` (called by every program's
+``cli_main`` unless ``OMP_NUM_THREADS`` is set) gives torch the cores :func:`free_cores`
+finds idle.
 """
 
 from __future__ import annotations
