@@ -99,25 +99,23 @@ class Neumann(Engine):
 
 
 @dataclass(frozen=True)
-class CG(Engine):
-    """Solve ``(H + ρI) q = u`` with K conjugate-gradient iterations (``mlo.solvers.cg``).
-
-    Needs about ½√κ·ln(2/ε) iterations on a positive definite ``H``. Use
-    ``damping`` (ρ) on nonconvex lower problems, or ``MINRES``. ``tol`` stops early
-    when the residual falls below ``tol·‖u‖`` (this reads the residual on the host).
-    """
+class _Krylov(Engine):
+    """An iterative solve of ``(H + ρI) q = u`` by the solver function ``_solver`` (K iterations;
+    ``tol`` stops early when the residual falls below ``tol·‖u‖``, reading it on the host)."""
 
     iterations: int = 10
     damping: float = 0.0
     tol: float | None = None
+    _solver = None     # a class attribute, not a field: the solver function of mlo.solvers
 
     def __post_init__(self):
-        check_int("CG", "iterations", self.iterations, 1)
-        check_float("CG", "damping", self.damping)
-        check_float("CG", "tol", self.tol, positive=True, optional=True)
+        owner = type(self).__name__
+        check_int(owner, "iterations", self.iterations, 1)
+        check_float(owner, "damping", self.damping)
+        check_float(owner, "tol", self.tol, positive=True, optional=True)
 
     def vjp(self, site: RunRecord, u: Tree, wrt: list[str]) -> dict[str, Tree]:
-        solve = functools.partial(solvers.cg, iterations=self.iterations, tol=self.tol)
+        solve = functools.partial(type(self)._solver, iterations=self.iterations, tol=self.tol)
         return implicit_vjp(site, u, wrt, solve, self.damping, self)
 
     def reference(self) -> Engine:
@@ -125,7 +123,19 @@ class CG(Engine):
 
 
 @dataclass(frozen=True)
-class MINRES(Engine):
+class CG(_Krylov):
+    """Solve ``(H + ρI) q = u`` with K conjugate-gradient iterations (``mlo.solvers.cg``).
+
+    Needs about ½√κ·ln(2/ε) iterations on a positive definite ``H``. Use
+    ``damping`` (ρ) on nonconvex lower problems, or ``MINRES``. ``tol`` stops early
+    when the residual falls below ``tol·‖u‖`` (this reads the residual on the host).
+    """
+
+    _solver = staticmethod(solvers.cg)
+
+
+@dataclass(frozen=True)
+class MINRES(_Krylov):
     """Solve ``(H + ρI) q = u`` with K MINRES iterations (``mlo.solvers.minres``).
 
     For a symmetric ``H`` that may be indefinite — a non-convex lower problem whose
@@ -133,21 +143,7 @@ class MINRES(Engine):
     ``tol`` stops early as for ``CG``.
     """
 
-    iterations: int = 10
-    damping: float = 0.0
-    tol: float | None = None
-
-    def __post_init__(self):
-        check_int("MINRES", "iterations", self.iterations, 1)
-        check_float("MINRES", "damping", self.damping)
-        check_float("MINRES", "tol", self.tol, positive=True, optional=True)
-
-    def vjp(self, site: RunRecord, u: Tree, wrt: list[str]) -> dict[str, Tree]:
-        solve = functools.partial(solvers.minres, iterations=self.iterations, tol=self.tol)
-        return implicit_vjp(site, u, wrt, solve, self.damping, self)
-
-    def reference(self) -> Engine:
-        return DenseImplicit(damping=self.damping)
+    _solver = staticmethod(solvers.minres)
 
 
 @dataclass(frozen=True)
