@@ -5,12 +5,11 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 
 import mlo
 from applications.lease import explain
 from benchmarks import lease_signal
-from tests.lease.tiny_graph import GAMMA, LR_D, LR_E, LR_W, exact_config, tiny_lease_graph
+from tests.lease.tiny_graph import GAMMA, LR_D, LR_W, exact_config, explainer_step_by_autograd, tiny_lease_graph
 from tests.subproc import run_module
 
 
@@ -18,15 +17,7 @@ def _parts_by_autograd(explainer, audience, bank, batches) -> dict:
     """direct / DARTS / chain written out: E' = E − ξ_E∇L_E, δ' = δ + ξ_Δ∇L_Δ(E'), W' = W − ξ_W∇L_W(δ');
     the chain is cut by computing δ' (and so W') from E' detached, which removes exactly the
     A → E' → δ' → W' path; the direct term holds both E' and W'."""
-    E = {k: v.detach().clone().requires_grad_() for k, v in explainer.named_weight_parameters()}
-    A = {k: v.detach().clone().requires_grad_() for k, v in explainer.named_arch_parameters()}
-    W = {k: v.detach().clone().requires_grad_() for k, v in audience.named_parameters()}
-    D = bank.detach().clone().requires_grad_()
-    f = lambda e, a, x: functional_call(explainer, {**e, **a}, (x,))  # noqa: E731
-    g = lambda w, x: functional_call(audience, w, (x,))  # noqa: E731
-    xe, ye, _ = batches["explainer"]
-    gE = torch.autograd.grad(F.cross_entropy(f(E, A, xe), ye), list(E.values()), create_graph=True)
-    E1 = {k: v - LR_E * gk for (k, v), gk in zip(E.items(), gE)}
+    E, A, W, D, f, g, E1 = explainer_step_by_autograd(explainer, audience, bank, batches)
     xa, ya, idx = batches["explanation"]
     A_const = {k: v.detach() for k, v in A.items()}
 

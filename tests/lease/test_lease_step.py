@@ -5,27 +5,18 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 
 import mlo
 from applications.lease import explain
 
-from .tiny_graph import GAMMA, LR_D, LR_E, LR_W, exact_config, tiny_lease_graph
+from .tiny_graph import GAMMA, LR_D, LR_W, exact_config, explainer_step_by_autograd, tiny_lease_graph
 
 DT = torch.float64
 
 
 def _chain_rule(explainer, audience, bank, batches) -> dict:
     """g_A through E' = E − ξ_E∇L_E, δ' = δ + ξ_Δ∇L_Δ, W' = W − ξ_W∇L_W, by plain autograd."""
-    E = {k: v.detach().clone().requires_grad_() for k, v in explainer.named_weight_parameters()}
-    A = {k: v.detach().clone().requires_grad_() for k, v in explainer.named_arch_parameters()}
-    W = {k: v.detach().clone().requires_grad_() for k, v in audience.named_parameters()}
-    D = bank.detach().clone().requires_grad_()
-    f = lambda e, a, x: functional_call(explainer, {**e, **a}, (x,))  # noqa: E731
-    g = lambda w, x: functional_call(audience, w, (x,))  # noqa: E731
-    xe, ye, _ = batches["explainer"]
-    gE = torch.autograd.grad(F.cross_entropy(f(E, A, xe), ye), list(E.values()), create_graph=True)
-    E1 = {k: v - LR_E * gk for (k, v), gk in zip(E.items(), gE)}
+    E, A, W, D, f, g, E1 = explainer_step_by_autograd(explainer, audience, bank, batches)
     xa, ya, idx = batches["explanation"]
     A_const = {k: v.detach() for k, v in A.items()}
     d = D[idx]

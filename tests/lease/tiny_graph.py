@@ -7,6 +7,8 @@ learning rates below, so a test can write the same step out in autograd;
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch.func import functional_call
 
 import mlo
 from applications.common import load_config
@@ -50,3 +52,19 @@ def tiny_lease_graph(cfg: SearchConfig, seed: int = 0, sparse_bank: bool = True,
     problems = build_problems(cfg, explainer, audience, bank if cfg.mode == "lease" else None, loaders, classes,
                               sparse_bank=sparse_bank)
     return mlo.Graph(problems), explainer, audience, bank, batches
+
+
+def explainer_step_by_autograd(explainer, audience, bank, batches):
+    """The start of an independent plain-autograd LeaSE step (float64 references in the tests):
+    fresh leaves E, A, W, D, the explainer and audience as functions ``f(e, a, x)``, ``g(w, x)``, and
+    E' = E − ξ_E ∇L_E with its graph."""
+    E = {k: v.detach().clone().requires_grad_() for k, v in explainer.named_weight_parameters()}
+    A = {k: v.detach().clone().requires_grad_() for k, v in explainer.named_arch_parameters()}
+    W = {k: v.detach().clone().requires_grad_() for k, v in audience.named_parameters()}
+    D = bank.detach().clone().requires_grad_()
+    f = lambda e, a, x: functional_call(explainer, {**e, **a}, (x,))  # noqa: E731
+    g = lambda w, x: functional_call(audience, w, (x,))  # noqa: E731
+    xe, ye, _ = batches["explainer"]
+    gE = torch.autograd.grad(F.cross_entropy(f(E, A, xe), ye), list(E.values()), create_graph=True)
+    E1 = {k: v - LR_E * gk for (k, v), gk in zip(E.items(), gE)}
+    return E, A, W, D, f, g, E1
